@@ -1,0 +1,189 @@
+"""S4D: the diagonal state-space baseline (Gu, Gupta, Goel, Re 2022), with StableSSM options.
+
+Standalone (torch and the standard library only), layout and block identical to hope.py's HOPE so
+the two are drop-in replacements for each other.
+
+Glossary (code name = paper symbol: meaning)
+    B, H, L      batch, channels (d_model), sequence length
+    N = d_state  state size; the N/2 modes come in conjugate pairs, so only N/2 are stored
+    A  (H, N/2)  complex diagonal state matrix, Re(A) < 0 for stability
+    C  (H, N/2)  complex output weights; B is absorbed into C (only C_n B_n enters the kernel)
+    dt (H,)      step size of the zero-order-hold (ZOH) discretization
+    D  (H,)      feedthrough
+    dA, dB       exp(dt A), (exp(dt A) - 1) / A: the discrete system x[t] = dA x[t-1] + dB u[t]
+    k  (H, L)    kernel k[l] = 2 Re sum_n C_n dB_n dA_n^l (a Vandermonde product)
+
+Initializations of A (init=...)
+    lin     S4D-Lin: A_n = -1/2 + i pi n
+    inv     S4D-Inv: A_n = -1/2 + i (N/pi) (N/(2n+1) - 1)
+    legs    eigenvalues of the normal part of the HiPPO-LegS matrix (all -1/2 + i w_n), with
+            B = V^* B_LegS absorbed into C
+
+Parameterizations of Re(A) = f(w) (real_param=..., StableSSM, Wang & Li 2023). Near long memory
+(Re(A) = lambda -> 0) the gradient scale |f'(w)| / f(w)^2 behaves as:
+    exp        f = -exp(w)            1/|lambda|    (S4 and S4D's default)
+    softplus   f = -log(1 + exp(w))   ~1/|lambda|   (S5)
+    direct     f = w                  1/lambda^2    (no stability guarantee: w may cross 0)
+    stable     f = -1/(w^2 + 1/2)     ~2/sqrt|lambda|  (bounded |Re A| <= 2; tamest gradients)
+Each w is initialized so that Re(A) starts exactly at the chosen init.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REAL_PARAMS = ("exp", "softplus", "direct", "stable")
+INITS = ("lin", "inv", "legs")
+
+
+def real_part(w, kind):
+    """Re(A) = f(w) for the parameterization `kind`."""
+    if kind == "exp":
+        return -torch.exp(w)
+    if kind == "softplus":
+        return -F.softplus(w)
+    if kind == "direct":
+        return w
+    return -1 / (w * w + 0.5)
+
+
+def real_part_inverse(re, kind):
+    """w with f(w) = re, for re < 0."""
+    if kind == "exp":
+        return torch.log(-re)
+    if kind == "softplus":
+        return torch.log(torch.expm1(-re))
+    if kind == "direct":
+        return re.clone()
+    if kind != "stable":
+        raise ValueError(f"real_param must be one of {REAL_PARAMS}, got {kind!r}")
+    if (re < -2).any():
+        raise ValueError("real_param='stable' can only represent -2 <= Re(A) < 0")
+    return torch.sqrt(-1 / re - 0.5)
+
+
+def init_A(H, N, init):
+    """Initial A (H, N/2) complex128 and the B it comes with (H, N/2)."""
+    n = torch.arange(N // 2, dtype=torch.float64)
+    B = torch.ones(N // 2, dtype=torch.complex128)
+    if init == "lin":
+        A = -0.5 + 1j * math.pi * n
+    elif init == "inv":
+        A = -0.5 + 1j * (N / math.pi) * (N / (2 * n + 1) - 1)
+    elif init != "legs":
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    else:
+        # HiPPO-LegS = normal part S minus the rank-1 P P^T; S = -I/2 + skew, and i*skew is Hermitian.
+        q = torch.sqrt(2 * torch.arange(N, dtype=torch.float64) + 1)  # (N,)
+        skew = torch.tril(q[:, None] * q[None, :], -1)  # (N, N)
+        skew = 0.5 * (skew.T - skew)  # the normal part minus its -1/2 diagonal
+        lam, V = torch.linalg.eigh(1j * skew.to(torch.complex128))  # skew = V diag(-i lam) V^*
+        keep = lam < 0  # one of each conjugate pair: Im(A) = -lam > 0
+        A = -0.5 - 1j * lam[keep]
+        B = V[:, keep].conj().T @ q.to(torch.complex128)  # (N/2,)
+        A, B = A.flip(0), B.flip(0)  # ascending frequency, like lin and inv
+    return A.expand(H, -1).clone(), B.expand(H, -1).clone()
+
+
+def s4d_kernel(dt, A, C, L):
+    """ZOH-discretized diagonal SSM kernel: dt (H,), A and C complex (H, N/2) -> real (H, L).
+
+    k[l] = 2 Re sum_n C_n (exp(dt A_n) - 1) / A_n exp(dt A_n l)   (B absorbed into C).
+    """
+    if not (torch.is_complex(A) and torch.is_complex(C)) or A.ndim != 2 or A.shape != C.shape:
+        raise ValueError(f"A and C must be complex tensors of the same shape (H, N/2), got "
+                         f"{A.dtype} {tuple(A.shape)} and {C.dtype} {tuple(C.shape)}")
+    if not isinstance(dt, torch.Tensor) or dt.shape != (A.shape[0],):
+        raise ValueError(f"dt must be a tensor of shape (H,) = ({A.shape[0]},), one per channel")
+    if not torch.isfinite(dt).all() or (dt <= 0).any():
+        raise ValueError(f"dt must be finite and > 0 (a step size), got min {dt.min().item():.3g}")
+    if not isinstance(L, int) or L < 1:
+        raise ValueError(f"L must be an int >= 1, got {L!r}")
+    return _kernel(dt, A, C, L)
+
+
+def _kernel(dt, A, C, L):
+    dtA = A * dt[:, None]  # (H, N/2)
+    vander = torch.exp(dtA[..., None] * torch.arange(L, device=A.device))  # (H, N/2, L)
+    return 2 * torch.einsum("hn,hnl->hl", C * (torch.exp(dtA) - 1) / A, vander).real
+
+
+def _register(module, name, tensor, lr):
+    """lr == 0: frozen buffer; else a parameter, with an optimizer hint when lr is given (state-spaces/s4 style)."""
+    if lr == 0.0:
+        module.register_buffer(name, tensor)
+        return
+    module.register_parameter(name, nn.Parameter(tensor))
+    if lr is not None:
+        getattr(module, name)._optim = {"lr": lr, "weight_decay": 0.0}
+
+
+class S4D(nn.Module):
+    """S4D layer: SSM convolution + D u -> GELU -> dropout -> 1x1 conv with GLU.
+
+    Input and output (B, H, L), or (B, L, H) with transposed=False.
+    lr: learning-rate hint for A (weight decay 0); lr_dt: hint for dt (0 freezes it).
+    """
+
+    def __init__(self, d_model, d_state=64, dt_min=0.001, dt_max=0.1, dropout=0.0, init="lin",
+                 real_param="exp", lr=0.001, lr_dt=0.001, transposed=True):
+        super().__init__()
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        if d_state < 2 or d_state % 2:
+            raise ValueError(f"d_state must be even (conjugate pairs), got {d_state}")
+        H = d_model
+        self.H, self.real_param, self.transposed = H, real_param, transposed
+        log_dt = torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        A, B = init_A(H, d_state, init)
+        C = torch.randn(H, d_state // 2, dtype=torch.complex128) * B
+        _register(self, "log_dt", log_dt, lr_dt)
+        _register(self, "w", real_part_inverse(A.real, real_param).float(), lr)
+        _register(self, "A_imag", A.imag.float(), lr)
+        self.C = nn.Parameter(torch.view_as_real(C.to(torch.complex64)))  # (H, N/2, 2): optimizers want real
+        self.D = nn.Parameter(torch.randn(H))
+        self.activation = nn.GELU()
+        self.dropout = nn.Dropout1d(dropout) if dropout > 0 else nn.Identity()
+        self.output_linear = nn.Sequential(nn.Conv1d(H, 2 * H, kernel_size=1), nn.GLU(dim=-2))
+
+    def _system(self):
+        A = torch.complex(real_part(self.w, self.real_param), self.A_imag)  # (H, N/2)
+        return self.log_dt.exp(), A, torch.view_as_complex(self.C)
+
+    def kernel(self, L):
+        """Causal kernel (H, L) of the current parameters."""
+        return _kernel(*self._system(), L)
+
+    def forward(self, u):
+        if not self.transposed:
+            u = u.transpose(-1, -2)  # (B, L, H) -> (B, H, L)
+        if u.ndim != 3 or u.shape[1] != self.H or not torch.is_floating_point(u):
+            raise ValueError(f"S4D expects a float tensor (B, H={self.H}, L) (or (B, L, H) with "
+                             f"transposed=False), got {u.dtype} {tuple(u.shape)}")
+        L = u.shape[-1]
+        k_f = torch.fft.rfft(self.kernel(L), n=2 * L)  # (H, L + 1)
+        y = torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * k_f, n=2 * L)[..., :L]  # (B, H, L)
+        y = self._block(y, u)
+        return y if self.transposed else y.transpose(-1, -2)
+
+    def _block(self, y, u):
+        y = self.dropout(self.activation(y + self.D[:, None] * u))
+        return self.output_linear(y)  # (B, H, L)
+
+    def default_state(self, batch):
+        """Zero state (B, H, N/2), complex."""
+        return torch.zeros(batch, *self.A_imag.shape, dtype=torch.view_as_complex(self.C).dtype,
+                           device=self.C.device)
+
+    def step(self, u_t, state):
+        """One time step: u_t (B, H), state (B, H, N/2) -> y_t (B, H), state. O(N) per channel."""
+        if u_t.ndim != 2 or u_t.shape[1] != self.H or state.shape != (u_t.shape[0], *self.A_imag.shape):
+            raise ValueError(f"step expects u_t (B, {self.H}) and state (B, {self.H}, "
+                             f"{self.A_imag.shape[1]}) from default_state(B), got {tuple(u_t.shape)} "
+                             f"and {tuple(state.shape)}")
+        dt, A, C = self._system()
+        dtA = A * dt[:, None]  # (H, N/2)
+        state = torch.exp(dtA) * state + ((torch.exp(dtA) - 1) / A) * u_t[..., None]  # (B, H, N/2)
+        y = 2 * (C * state).sum(-1).real  # (B, H)
+        return self._block(y[..., None], u_t[..., None])[..., 0], state

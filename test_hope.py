@@ -1,0 +1,285 @@
+"""Every fast path against an independent ground truth (float64 unless a test says otherwise)."""
+import math
+
+import pytest
+import torch
+
+from hope import HOPE, algorithm1, hope_kernel
+from s4d import INITS, REAL_PARAMS, S4D, init_A, real_part, s4d_kernel
+
+f64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+
+
+def direct_circular(u, k):
+    """y[t] = sum_s k[(t - s) mod L] u[s], the O(L^2) definition."""
+    L = u.shape[-1]
+    idx = (torch.arange(L)[:, None] - torch.arange(L)[None, :]) % L  # (L, L)
+    return torch.einsum("...ts,...s->...t", k[..., idx], u)
+
+
+def direct_causal(u, k):
+    """y[t] = sum_{s <= t} k[t - s] u[s], a Toeplitz matrix product."""
+    L = u.shape[-1]
+    lag = torch.arange(L)[:, None] - torch.arange(L)[None, :]  # (L, L)
+    T = torch.where(lag >= 0, k[..., lag.clamp(min=0)], torch.zeros((), dtype=k.dtype))  # (H, L, L)
+    return torch.einsum("hts,bhs->bht", T, u)
+
+
+def realization(h, dt):
+    """The explicit n-state realization of NOTES.md (one channel): A, B, C, D."""
+    n = h.shape[0]
+    a = (1 - dt) / (1 + dt)
+    A0 = torch.diag(torch.ones(n - 1, dtype=f64), -1)
+    B0 = torch.zeros(n, dtype=f64)
+    B0[0] = 1
+    M = torch.linalg.inv(torch.eye(n, dtype=f64) + a * A0)
+    A = M @ (A0 + a * torch.eye(n, dtype=f64))
+    return A, M @ B0, h @ (torch.eye(n, dtype=f64) - a * A), -a * h @ M @ B0
+
+
+def impulse_response(h, dt, T):
+    """k[0..T-1] of each channel by running its n-state recurrence step by step; (H, T)."""
+    out = []
+    for hc, dtc in zip(h, dt.tolist()):
+        A, B, C, D = realization(hc, dtc)
+        x, k = B, [D]
+        for _ in range(T - 1):
+            k.append(C @ x)
+            x = A @ x
+        out.append(torch.stack(k))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("L", [16, 17])
+def test_algorithm1_is_circular_convolution(L):
+    for _ in range(3):
+        u = torch.randn(2, 3, L, dtype=f64)
+        h = torch.randn(3, 6, dtype=f64)
+        dt = torch.rand(3, dtype=f64) * 2 + 0.05
+        delta = torch.zeros(3, L, dtype=f64)
+        delta[:, 0] = 1
+        k = algorithm1(delta, h, dt)  # = Re(iFFT(g))
+        torch.testing.assert_close(algorithm1(u, h, dt), direct_circular(u, k), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dt", [0.05, 0.3, 1.0, 3.0])
+def test_hope_kernel_equals_recurrence(dt):
+    h = torch.randn(3, 8, dtype=f64)
+    dt = torch.full((3,), dt, dtype=f64)
+    L = 256  # n/dt <= 160, so the tail beyond 2L is far below 1e-12
+    torch.testing.assert_close(hope_kernel(h, dt, L), impulse_response(h, dt, L), rtol=0, atol=1e-12)
+
+
+def test_hope_kernel_dt1_is_fir():
+    h = torch.randn(4, 10, dtype=f64)
+    k = hope_kernel(h, torch.ones(4, dtype=f64), 32)
+    expected = torch.zeros(4, 32, dtype=f64)
+    expected[:, 1:11] = h
+    torch.testing.assert_close(k, expected, rtol=0, atol=1e-13)
+
+
+def test_hope_kernel_folds_tail_beyond_2L():
+    """With a long memory (n/dt = 400 >> 2L = 64) the result is exactly sum_m k[t + 2Lm]."""
+    h = torch.randn(2, 4, dtype=f64)
+    dt = torch.full((2,), 0.01, dtype=f64)
+    L, periods = 32, 200
+    k = impulse_response(h, dt, 2 * L * periods)
+    assert k[:, -2 * L:].abs().max() < 1e-14
+    folded = k.reshape(2, periods, 2 * L).sum(1)[:, :L]
+    torch.testing.assert_close(hope_kernel(h, dt, L), folded, rtol=0, atol=1e-12)
+    assert (hope_kernel(h, dt, L) - k[:, :L]).abs().max() > 1e-3  # the tail matters here
+
+
+@pytest.mark.parametrize("L", [20, 21])
+def test_hope_kernel_matches_algorithm1(L):
+    """algorithm1's circular kernel is the impulse response folded with period L."""
+    h = torch.randn(3, 5, dtype=f64)
+    dt = torch.tensor([0.2, 1.0, 4.0], dtype=f64)
+    delta = torch.zeros(3, L, dtype=f64)
+    delta[:, 0] = 1
+    long = hope_kernel(h, dt, 40 * L)  # tail beyond 80L is negligible
+    torch.testing.assert_close(algorithm1(delta, h, dt), long.reshape(3, 40, L).sum(1), rtol=0, atol=1e-12)
+
+
+def test_complex_h_is_inert():
+    u = torch.randn(2, 3, 24, dtype=f64)
+    h = torch.randn(3, 7, dtype=torch.complex128)
+    dt = torch.tensor([0.1, 0.5, 2.0], dtype=f64)
+    torch.testing.assert_close(algorithm1(u, h, dt), algorithm1(u, h.real, dt), rtol=0, atol=1e-12)
+    assert (algorithm1(u, h, dt) - algorithm1(u, h.imag, dt)).abs().max() > 1e-3
+
+
+def test_hope_layer_causal_is_toeplitz_and_circular_is_algorithm1():
+    layer = HOPE(3, d_state=6, dt_min=0.2, dt_max=2.0).double().eval()
+    u = torch.randn(2, 3, 40, dtype=f64)
+    dt = layer.log_dt.exp()
+    conv = direct_causal(u, hope_kernel(layer.h, dt, 40))
+    torch.testing.assert_close(layer(u), layer._block(conv, u), rtol=0, atol=1e-12)
+    layer.circular = True
+    torch.testing.assert_close(layer(u), layer._block(algorithm1(u, layer.h, dt), u), rtol=0, atol=1e-12)
+
+
+def test_transposed_layout():
+    for cls in (HOPE, S4D):
+        torch.manual_seed(1)
+        a = cls(4, d_state=8).double()
+        torch.manual_seed(1)
+        b = cls(4, d_state=8, transposed=False).double()
+        u = torch.randn(2, 4, 30, dtype=f64)
+        torch.testing.assert_close(b(u.transpose(1, 2)).transpose(1, 2), a(u), rtol=0, atol=1e-12)
+
+
+def run_steps(layer, u):
+    state = layer.default_state(u.shape[0])
+    ys = []
+    for t in range(u.shape[-1]):
+        y, state = layer.step(u[..., t], state)
+        ys.append(y)
+    return torch.stack(ys, -1)
+
+
+def test_hope_step_equals_convolution():
+    layer = HOPE(3, d_state=8, dt_min=0.3, dt_max=3.0).double().eval()
+    u = torch.randn(2, 3, 50, dtype=f64)  # n/dt <= 27 << 2L: the folded tail is below 1e-12
+    torch.testing.assert_close(run_steps(layer, u), layer(u), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("real_param", REAL_PARAMS)
+def test_s4d_step_equals_convolution(init, real_param):
+    layer = S4D(3, d_state=8, init=init, real_param=real_param).double().eval()
+    u = torch.randn(2, 3, 50, dtype=f64)
+    torch.testing.assert_close(run_steps(layer, u), layer(u), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_s4d_kernel_equals_recurrence(init):
+    A, _ = init_A(3, 16, init)
+    C = torch.randn(3, 8, dtype=torch.complex128)
+    dt = torch.tensor([0.001, 0.01, 0.1], dtype=f64)
+    dA, dB = torch.exp(dt[:, None] * A), (torch.exp(dt[:, None] * A) - 1) / A
+    x, ys = torch.zeros_like(A), []
+    for t in range(64):
+        x = dA * x + dB * (1.0 if t == 0 else 0.0)
+        ys.append(2 * (C * x).sum(-1).real)
+    torch.testing.assert_close(s4d_kernel(dt, A, C, 64), torch.stack(ys, -1), rtol=0, atol=1e-12)
+
+
+def test_s4d_legs_init_is_normal_hippo_spectrum():
+    N = 16
+    q = torch.sqrt(2 * torch.arange(N, dtype=f64) + 1)
+    legs = -torch.tril(q[:, None] * q[None, :], -1) - torch.diag(torch.arange(N, dtype=f64) + 1)
+    normal = legs + 0.5 * q[:, None] * q[None, :]  # HiPPO-LegS + P P^T, P = q / sqrt(2)
+    eig = torch.linalg.eigvals(normal)
+    eig = eig[eig.imag > 0]
+    A, B = init_A(1, N, "legs")
+    torch.testing.assert_close(A[0], eig[eig.imag.argsort()], rtol=0, atol=1e-9)
+    assert B.abs().min() > 1e-3
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_s4d_real_params_start_at_init(init):
+    A, _ = init_A(3, 8, init)
+    kernels = []
+    for real_param in REAL_PARAMS:
+        torch.manual_seed(2)
+        layer = S4D(3, d_state=8, init=init, real_param=real_param)
+        torch.testing.assert_close(real_part(layer.w, real_param), A.real.float())
+        kernels.append(layer.kernel(32))
+    for k in kernels[1:]:
+        torch.testing.assert_close(k, kernels[0])
+
+
+def eps_rank(markov, eps=0.01):
+    """Hankel epsilon-rank #(sigma_j / sigma_1 > eps) of [m_{i+j}], i, j < n, from 2n - 1 Markov parameters."""
+    n = (markov.shape[-1] + 1) // 2
+    s = torch.linalg.svdvals(markov[..., torch.arange(n)[:, None] + torch.arange(n)[None, :]])  # (..., n, n)
+    return (s / s[..., :1] > eps).sum(-1).double()
+
+
+def test_hankel_rank_theorems_1_and_3():
+    """Random-h HOPE systems have high-rank Hankel matrices; S4D-Lin ones are numerically low-rank.
+
+    S4D is checked at the ends of its dt init range [1e-3, 1e-1]. In between (dt ~ 0.03) its
+    64-by-64 Hankel section is nearly full rank too: the kernel has not decayed within 2n steps.
+    """
+    n, draws = 64, 20
+    h = torch.randn(draws, n, dtype=f64)
+    hope_rank = eps_rank(torch.cat([h, torch.zeros(draws, n - 1, dtype=f64)], -1))  # h_i = 0 for i >= n
+    assert hope_rank.mean() >= 0.7 * n and hope_rank.min() >= 0.6 * n
+    A, _ = init_A(draws, n, "lin")
+    C = torch.randn(draws, n // 2, dtype=torch.complex128)
+    for dt in (1e-3, 1e-1):
+        s4d_rank = eps_rank(s4d_kernel(torch.full((draws,), dt, dtype=f64), A, C, 2 * n - 1))
+        assert s4d_rank.mean() <= 0.5 * n
+
+
+@pytest.mark.parametrize("dt", [0.3, 1.0, 2.5])
+def test_warp_preserves_hankel_singular_values(dt):
+    """The Blaschke warp is a disk automorphism, so G_dt has the Hankel singular values of [h_{i+j}]."""
+    n, m = 12, 300  # m-by-m section of the warped system's Hankel matrix; its kernel decays within m
+    h = torch.randn(1, n, dtype=f64)
+    s_h = torch.linalg.svdvals(torch.cat([h[0], torch.zeros(n - 1, dtype=f64)])[torch.arange(n)[:, None] + torch.arange(n)])
+    k = hope_kernel(h, torch.tensor([dt], dtype=f64), 2 * m + 1)[0, 1:]  # Markov parameters skip k[0]
+    s_warped = torch.linalg.svdvals(k[torch.arange(m)[:, None] + torch.arange(m)])
+    torch.testing.assert_close(s_warped[:n], s_h, rtol=0, atol=1e-12)
+    assert s_warped[n] < 1e-12  # and exactly rank n
+
+
+@pytest.mark.parametrize("n", [1, 5, 9])
+def test_hope_kernel_gradcheck(n):
+    h = torch.randn(2, n, dtype=f64, requires_grad=True)
+    dt = torch.tensor([0.3, 1.7], dtype=f64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, dt: hope_kernel(h, dt, 12), (h, dt))
+
+
+def test_hope_layer_optimizer_hints():
+    layer = HOPE(4, lr_dt=0.0, lr_h=0.001)
+    assert "log_dt" in dict(layer.named_buffers())
+    assert layer.h._optim == {"lr": 0.001, "weight_decay": 0.0}
+    s4d = S4D(4, lr=0.002)
+    assert s4d.w._optim["lr"] == s4d.A_imag._optim["lr"] == 0.002 and not hasattr(s4d.C, "_optim")
+
+
+h2, dt2 = torch.randn(2, 4), torch.ones(2)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: hope_kernel(h2[0], dt2, 8), "h must be"),
+    (lambda: hope_kernel(h2, torch.ones(3), 8), r"dt must be a tensor of shape \(H,\)"),
+    (lambda: hope_kernel(h2, torch.tensor([1.0, 0.0]), 8), "dt must be finite and > 0"),
+    (lambda: hope_kernel(h2, -dt2, 8), "dt must be finite and > 0"),
+    (lambda: hope_kernel(h2, dt2, 0), "L must be"),
+    (lambda: hope_kernel(h2.to(torch.complex64), dt2, 8), "h must be a real"),
+    (lambda: algorithm1(torch.randn(2, 8), h2, -1.0), "dt must be finite and > 0"),
+    (lambda: algorithm1(torch.randn(2, 8), h2, torch.ones(5)), "must broadcast"),
+    (lambda: algorithm1(torch.ones(2, 8, dtype=torch.long), h2, 1.0), "u must be"),
+    (lambda: HOPE(4)(torch.randn(2, 5, 8)), r"expects a float tensor \(B, H=4, L\)"),
+    (lambda: HOPE(4)(torch.randn(4, 8)), "expects a float tensor"),
+    (lambda: HOPE(4, dt_min=0.0), "dt_min"),
+    (lambda: HOPE(4).step(torch.randn(2, 4), torch.zeros(2, 4, 3)), "default_state"),
+    (lambda: S4D(4)(torch.randn(2, 3, 8)), r"expects a float tensor \(B, H=4, L\)"),
+    (lambda: S4D(4, init="foo"), "init must be one of"),
+    (lambda: S4D(4, real_param="foo"), "real_param must be one of"),
+    (lambda: S4D(4, d_state=7), "even"),
+    (lambda: s4d_kernel(torch.ones(2), torch.ones(2, 3), torch.ones(2, 3), 8), "complex"),
+    (lambda: s4d_kernel(-torch.ones(2), *init_A(2, 6, "lin"), 8), "dt must be finite and > 0"),
+])
+def test_bad_input_raises(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("cls", [HOPE, S4D])
+def test_paper_size_float32_forward_backward(cls):
+    layer = cls(128, d_state=64, dropout=0.1)
+    u = torch.randn(2, 128, 2048)
+    y = layer(u)
+    y.square().mean().backward()
+    assert y.shape == u.shape and torch.isfinite(y).all()
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in layer.parameters())
