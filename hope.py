@@ -32,7 +32,9 @@ The Blaschke-factor view (derivations checked in test_hope.py)
     energy). dt = 1 gives a = 0, b = z^-1 and the kernel [0, h_0, ..., h_{n-1}, 0, ...]. An
     all-pass stage delays low frequencies by about 1/dt steps, so the kernel holds slowly varying
     input for about n/dt steps without decay (n = 64, dt = 0.1: ~640 steps); S4D decays
-    exponentially. The cascade is also an n-state recurrence: see HOPE.step.
+    exponentially. The cascade is also an n-state recurrence: see HOPE.step. And since the warp
+    is a disk automorphism, G_dt has exactly the Hankel singular values of [h_{i+j}] for every
+    dt: a random h gives a high-rank Hankel operator whatever the sampling period.
 
 Why h is real here
     b has real coefficients, so for real input Re(output) depends on Re(h) only: the imaginary
@@ -77,7 +79,7 @@ def algorithm1(u, h, dt):
     omega = torch.polar(torch.ones_like(theta), theta)  # (L,)
     # Step 2: bilinear map to the imaginary axis with sampling period dt. At omega = -1 this
     # divides by ~1e-16 (exp(i pi) is not exactly -1 in floating point); step 3 then lands on
-    # the exact limit omega' = -1, which test_algorithm1_matches_kernel confirms.
+    # the exact limit omega' = -1, which test_hope_kernel_matches_algorithm1 confirms.
     s = (omega - 1) / (omega + 1) / dt[..., None]  # (..., L)
     # Step 3: bilinear map back to the unit circle with period 1: the warped nodes omega'.
     omega_w = (1 + s) / (1 - s)  # (..., L)
@@ -94,7 +96,7 @@ def _check_positive(dt):
 
 
 def _warped_angle(dt, nfft):
-    """phi[c, k] = arg b_c(z_k) at the rfft nodes z_k = exp(2 pi i k / nfft); (H, nfft//2 + 1).
+    """phi[:, k] = arg b(z_k) per channel at the rfft nodes z_k = exp(2 pi i k / nfft); (H, nfft//2 + 1).
 
     With |b| = 1 the warped node is exp(i phi): arg omega' = theta + 2 atan2(a sin, 1 - a cos),
     and b = 1/omega'. This form has no singularity, unlike steps 2-3 of algorithm1.
@@ -121,7 +123,7 @@ def _powers(x, count):
 
 
 def _allpass_sum(h, phi):
-    """G[c, k] = sum_m h[c, m] b^(m+1) with b = exp(i phi[c, k]): (H, n), (H, F) -> (H, F).
+    """G[:, k] = sum_m h[:, m] b_k^(m+1) with b_k = exp(i phi[:, k]): (H, n), (H, F) -> (H, F).
 
     Split m = c j + r (c ~ sqrt(n) powers per block, J blocks): b^(m+1) = b^(r+1) beta^j with
     beta = b^c, so G = S_0 + beta (S_1 + beta (S_2 + ...)) with S_j = sum_r h_{cj+r} b^(r+1):
@@ -141,11 +143,11 @@ def _allpass_sum(h, phi):
 
 
 def _allpass_sum_adjoint(grad, phi, n):
-    """dh[c, m] = Re sum_k conj(grad[c, k]) b^(m+1): the transpose of _allpass_sum; -> (H, n)."""
-    H, F_ = phi.shape
+    """dh[:, m] = Re sum_k conj(grad[:, k]) b_k^(m+1): the transpose of _allpass_sum; -> (H, n)."""
+    H, nodes = phi.shape
     c, J = _blocks(n)
     P = _powers(_cis(phi), c)  # (H, F, c): b^(r+1)
-    T = torch.cat([grad.conj()[..., None], P[..., -1:].expand(H, F_, J - 1)], -1)  # (H, F, J)
+    T = torch.cat([grad.conj()[..., None], P[..., -1:].expand(H, nodes, J - 1)], -1)  # (H, F, J)
     T.cumprod_(-1)  # conj(grad) beta^j
     return (P.mT @ T).real.transpose(1, 2).reshape(H, c * J)[:, :n]  # (H, c, J) -> (H, n)
 

@@ -179,3 +179,12 @@ def test_resume_matches_uninterrupted_run(tmp_path, model):
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    write_fashion_mnist(str(tmp_path / "data"))
+    ts.main(small_args(tmp_path, "--epochs", "1"))
+    good = (tmp_path / "run" / "last.pt").read_bytes()
+    with pytest.raises(SystemExit, match="non-finite loss"):
+        ts.main(small_args(tmp_path, "--epochs", "1", "--lr", "1e30"))
+    assert (tmp_path / "run" / "last.pt").read_bytes() == good

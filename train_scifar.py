@@ -425,7 +425,7 @@ def main(argv=None):
                 state["global_step"] += 1
                 state["sums"][2] += len(y)
                 done = state["step"] == steps_per_epoch
-                halt = stop["requested"] or state["global_step"] == args.max_steps
+                halt = stop["requested"] or state["global_step"] >= (args.max_steps or math.inf)
                 if time.time() - last_print > 1.0 or done or halt:  # the only host syncs of the loop
                     last_print = time.time()
                     state["sums"][:2] = sums.tolist()
@@ -463,7 +463,7 @@ def main(argv=None):
             print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
                   f"val loss {val_loss:.4f} acc {val_acc:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f} | "
                   f"lr {row['lr']:.2e} | {row['seconds']:.1f}s")
-            if stop["requested"] or state["global_step"] == args.max_steps:
+            if stop["requested"] or state["global_step"] >= (args.max_steps or math.inf):
                 print(f"stopped after epoch {row['epoch']}; saved {last_path} (continue with --resume)")
                 return state
     except FloatingPointError as e:

@@ -1,0 +1,178 @@
+"""Side-by-side timings of HOPE and S4D on the current device (CUDA if present, else CPU).
+
+    python bench.py                  # full sizes: H = 128, L = 2048, 4 x 128 model
+    python bench.py --json out.json  # the same, also written as JSON
+
+Each figure: warm-up runs, then the median of several timed runs of forward + backward. Peak
+memory: torch.cuda.max_memory_allocated on CUDA; on CPU the growth of the peak resident set of a
+fresh child process (glibc's mmap threshold pinned so freed blocks are returned), which counts
+every byte the run touches. All models come from hope.py, s4d.py and train_scifar.py.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import train_scifar
+from hope import HOPE
+from s4d import S4D
+
+H, L = 128, 2048
+
+
+def literal_kernel(h, dt, L):
+    """Algorithm 1, steps 1-4 vectorized as in the authors' code, then iFFT: the (H, L, n) form.
+
+    arg(omega') from the Blaschke form (avoids the 0/0 at omega = -1); the powers omega'^(-i-1) as
+    one complex-exponential tensor; the sum over i as an einsum; the circular kernel iFFT(g).
+    """
+    n = h.shape[1]
+    theta = torch.arange(L, device=h.device) * (2 * math.pi / L)  # (L,)
+    a = ((1 - dt) / (1 + dt))[:, None]  # (H, 1)
+    angle = theta + 2 * torch.atan2(a * torch.sin(theta), 1 - a * torch.cos(theta))  # (H, L)
+    powers = torch.exp(-1j * angle[..., None] * torch.arange(1, n + 1, device=h.device))  # (H, L, n)
+    return torch.fft.ifft(torch.einsum("hln,hn->hl", powers, h.to(powers.dtype))).real
+
+
+def case(name, device, batch):
+    """A zero-argument function running one forward + backward of the named case."""
+    torch.manual_seed(0)
+    if name.startswith("kernel-"):  # kernel-<hope|literal|s4d>-n<state size>
+        kind, n = name.split("-")[1], int(name.split("-n")[-1])
+        layer = (S4D if kind == "s4d" else HOPE)(H, n, dt_min=0.1, dt_max=0.1).to(device)
+        if kind == "literal":
+            return lambda: literal_kernel(layer.h, layer.log_dt.exp(), L).square().sum().backward()
+        return lambda: layer.kernel(L).square().sum().backward()
+    if name.startswith("layer-"):
+        layer = (HOPE if name == "layer-hope" else S4D)(H, 64).to(device)
+        u = torch.randn(batch, H, L, device=device, requires_grad=True)
+        return lambda: layer(u).square().mean().backward()
+    model_name, amp = name.split("-")[1:]  # step-<model>-<fp32|bf16>
+    args = train_scifar.parse_args(["--model", model_name, "--device", str(device), "--amp", amp.replace("fp32", "off")])
+    model = train_scifar.build_model(args, 3, L // 2).to(device)
+    with open(os.devnull, "w") as quiet:
+        stdout, sys.stdout = sys.stdout, quiet
+        optimizer = train_scifar.make_optimizer(model, args, device)
+        sys.stdout = stdout
+    mean, std = (torch.tensor(v, device=device)[:, None] for v in train_scifar.NORMALIZATION["cifar10"])
+    images = torch.randint(0, 256, (batch, 3, L // 2), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            logits = model(train_scifar.make_batch(images, mean, std, noise=True))
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device, warmup, reps):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mb(name, device, batch):
+    """Peak memory of one run above what was allocated before it, in MiB."""
+    if device.type == "cuda":
+        fn = case(name, device, batch)
+        fn()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, __file__, "--child", name, "--batch", str(batch)], env=env,
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def child(name, batch):
+    """Runs in a fresh process: growth of the peak resident set over one run (Linux: KiB units)."""
+    fn = case(name, torch.device("cpu"), batch)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+
+
+def main():
+    p = argparse.ArgumentParser(description="HOPE vs S4D timings on the current device")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=None, help="batch for the layer and step rows (default: 64 on CUDA, 8 on CPU)")
+    p.add_argument("--reps", type=int, default=None, help="timed runs per figure (default: 20 on CUDA, 5 on CPU)")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args.child, args.batch)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    batch = args.batch or (64 if cuda else 8)
+    reps = args.reps or (20 if cuda else 5)
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    print(f"device: {name}; torch {torch.__version__}; float32 weights, FFTs in float32; "
+          f"TF32 off unless a row says bf16; median of {reps} runs after warm-up")
+    print(f"kernel rows: H = {H}, L = {L}; layer and step rows: batch {batch}, L = {L}, d_model {H}"
+          f"{'' if batch == 64 else ' (the paper trains at batch 64; smaller here to fit a CPU session)'}\n")
+    rows = {}
+    names = ["kernel-hope-n64", "kernel-hope-n128", "kernel-literal-n64", "kernel-literal-n128", "kernel-s4d-n64",
+             "layer-hope", "layer-s4d", "step-hope-fp32", "step-s4d-fp32", "step-hope-bf16", "step-s4d-bf16"]
+    print(f"{'case (forward + backward)':28s} {'ms':>10s} {'peak MiB':>10s} {'samples/s':>10s} {'s/epoch (45k)':>14s}")
+    for case_name in names:
+        ms = time_ms(case(case_name, device, batch), device, warmup=2 if not cuda else 5, reps=reps)
+        mb = peak_mb(case_name, device, batch)
+        row = {"ms": ms, "peak_mib": mb}
+        extra = ""
+        if case_name.startswith("step"):
+            row["samples_per_s"] = batch * 1e3 / ms
+            row["epoch_s"] = 45000 / row["samples_per_s"]
+            extra = f"{row['samples_per_s']:10.0f} {row['epoch_s']:14.1f}"
+        rows[case_name] = row
+        print(f"{case_name:28s} {ms:10.2f} {mb:10.1f} {extra}", flush=True)
+    ratios = {
+        "literal/fast time, n=64": rows["kernel-literal-n64"]["ms"] / rows["kernel-hope-n64"]["ms"],
+        "literal/fast memory, n=64": rows["kernel-literal-n64"]["peak_mib"] / rows["kernel-hope-n64"]["peak_mib"],
+        "literal/fast time, n=128": rows["kernel-literal-n128"]["ms"] / rows["kernel-hope-n128"]["ms"],
+        "literal/fast memory, n=128": rows["kernel-literal-n128"]["peak_mib"] / rows["kernel-hope-n128"]["peak_mib"],
+        "HOPE/S4D kernel time (n=N=64)": rows["kernel-hope-n64"]["ms"] / rows["kernel-s4d-n64"]["ms"],
+        "HOPE/S4D layer time": rows["layer-hope"]["ms"] / rows["layer-s4d"]["ms"],
+        "HOPE/S4D step time, fp32": rows["step-hope-fp32"]["ms"] / rows["step-s4d-fp32"]["ms"],
+        "HOPE/S4D step time, bf16": rows["step-hope-bf16"]["ms"] / rows["step-s4d-bf16"]["ms"],
+        "bf16/fp32 step time, HOPE": rows["step-hope-bf16"]["ms"] / rows["step-hope-fp32"]["ms"],
+    }
+    print("\nratios")
+    for k, v in ratios.items():
+        print(f"  {k:32s} {v:6.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "torch": torch.__version__, "batch": batch, "reps": reps,
+                       "rows": rows, "ratios": ratios}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
