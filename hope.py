@@ -253,6 +253,7 @@ class HOPE(nn.Module):
         if u.ndim != 3 or u.shape[1] != self.H or not torch.is_floating_point(u):
             raise ValueError(f"HOPE expects a float tensor (B, H={self.H}, L) (or (B, L, H) with "
                              f"transposed=False), got {u.dtype} {tuple(u.shape)}")
+        u = u.to(torch.promote_types(u.dtype, torch.float32))  # torch.fft takes no bf16 (autocast may pass one)
         L = u.shape[-1]
         if self.circular:
             G = hope_transfer(self.h, self.log_dt.exp(), L)  # (H, L//2 + 1)

@@ -161,6 +161,7 @@ class S4D(nn.Module):
         if u.ndim != 3 or u.shape[1] != self.H or not torch.is_floating_point(u):
             raise ValueError(f"S4D expects a float tensor (B, H={self.H}, L) (or (B, L, H) with "
                              f"transposed=False), got {u.dtype} {tuple(u.shape)}")
+        u = u.to(torch.promote_types(u.dtype, torch.float32))  # torch.fft takes no bf16 (autocast may pass one)
         L = u.shape[-1]
         k_f = torch.fft.rfft(self.kernel(L), n=2 * L)  # (H, L + 1)
         y = torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * k_f, n=2 * L)[..., :L]  # (B, H, L)
