@@ -4,6 +4,7 @@ import io
 import json
 import os
 import pickle
+import signal
 import struct
 import tarfile
 
@@ -188,3 +189,25 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="non-finite loss"):
         ts.main(small_args(tmp_path, "--epochs", "1", "--lr", "1e30"))
     assert (tmp_path / "run" / "last.pt").read_bytes() == good
+
+
+def test_ctrl_c_saves_and_resume_continues(tmp_path, monkeypatch):
+    """A real SIGINT in the middle of epoch 1: the step finishes, last.pt is saved, --resume goes on."""
+    write_fashion_mnist(str(tmp_path / "data"))
+    full = ts.main(small_args(tmp_path, "--out", str(tmp_path / "a")))
+    calls, make_batch = [], ts.make_batch
+
+    def interrupting_make_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return make_batch(*args, **kwargs)
+    monkeypatch.setattr(ts, "make_batch", interrupting_make_batch)
+    stopped = ts.main(small_args(tmp_path, "--out", str(tmp_path / "b")))
+    assert stopped["global_step"] == 3 and stopped["epoch"] == 0
+    monkeypatch.setattr(ts, "make_batch", make_batch)
+    resumed = ts.main(small_args(tmp_path, "--out", str(tmp_path / "b"), "--resume"))
+    assert [r["val_acc"] for r in resumed["history"]] == [r["val_acc"] for r in full["history"]]
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
