@@ -56,9 +56,11 @@ def case(name, device, batch):
         layer = (HOPE if name == "layer-hope" else S4D)(H, 64).to(device)
         u = torch.randn(batch, H, L, device=device, requires_grad=True)
         return lambda: layer(u).square().mean().backward()
-    model_name, amp = name.split("-")[1:]  # step-<model>-<fp32|bf16>
-    args = train_scifar.parse_args(["--model", model_name, "--device", str(device), "--amp", amp.replace("fp32", "off")])
+    model_name, variant = name.split("-")[1:]  # step-<model>-<fp32|bf16|compile>
+    amp = variant == "bf16"
+    args = train_scifar.parse_args(["--model", model_name, "--device", str(device)])
     model = train_scifar.build_model(args, 3, L // 2).to(device)
+    forward = torch.compile(model) if variant == "compile" else model
     with open(os.devnull, "w") as quiet:
         stdout, sys.stdout = sys.stdout, quiet
         optimizer = train_scifar.make_optimizer(model, args, device)
@@ -68,8 +70,8 @@ def case(name, device, batch):
     labels = torch.randint(0, 10, (batch,), device=device)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-            logits = model(train_scifar.make_batch(images, mean, std, noise=True))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = forward(train_scifar.make_batch(images, mean, std, noise=True))
         loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -126,6 +128,7 @@ def main():
     p.add_argument("--batch", type=int, default=None, help="batch for the layer and step rows (default: 64 on CUDA, 8 on CPU)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per figure (default: 20 on CUDA, 5 on CPU)")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--compile", action="store_true", help="add torch.compile rows for the training step (slow to compile)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -135,13 +138,15 @@ def main():
     batch = args.batch or (64 if cuda else 8)
     reps = args.reps or (20 if cuda else 5)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    print(f"device: {name}; torch {torch.__version__}; float32 weights, FFTs in float32; "
-          f"TF32 off unless a row says bf16; median of {reps} runs after warm-up")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda  # as train_scifar.py
+    print(f"device: {name}; torch {torch.__version__}; float32 weights, FFTs in float32; TF32 "
+          f"{'on' if cuda else 'n/a'}; bf16 rows: autocast for the dense parts; median of {reps} runs after warm-up")
     print(f"kernel rows: H = {H}, L = {L}; layer and step rows: batch {batch}, L = {L}, d_model {H}"
           f"{'' if batch == 64 else ' (the paper trains at batch 64; smaller here to fit a CPU session)'}\n")
     rows = {}
     names = ["kernel-hope-n64", "kernel-hope-n128", "kernel-literal-n64", "kernel-literal-n128", "kernel-s4d-n64",
              "layer-hope", "layer-s4d", "step-hope-fp32", "step-s4d-fp32", "step-hope-bf16", "step-s4d-bf16"]
+    names += ["step-hope-compile", "step-s4d-compile"] if args.compile else []
     print(f"{'case (forward + backward)':28s} {'ms':>10s} {'peak MiB':>10s} {'samples/s':>10s} {'s/epoch (45k)':>14s}")
     for case_name in names:
         ms = time_ms(case(case_name, device, batch), device, warmup=2 if not cuda else 5, reps=reps)
@@ -165,6 +170,10 @@ def main():
         "HOPE/S4D step time, bf16": rows["step-hope-bf16"]["ms"] / rows["step-s4d-bf16"]["ms"],
         "bf16/fp32 step time, HOPE": rows["step-hope-bf16"]["ms"] / rows["step-hope-fp32"]["ms"],
     }
+    if args.compile:
+        ratios["compile/eager step time, HOPE"] = rows["step-hope-compile"]["ms"] / rows["step-hope-fp32"]["ms"]
+        ratios["compile/eager step time, S4D"] = rows["step-s4d-compile"]["ms"] / rows["step-s4d-fp32"]["ms"]
+        ratios["HOPE/S4D step time, compile"] = rows["step-hope-compile"]["ms"] / rows["step-s4d-compile"]["ms"]
     print("\nratios")
     for k, v in ratios.items():
         print(f"  {k:32s} {v:6.2f}")
