@@ -267,17 +267,13 @@ def make_optimizer(model, args, device):
 
 
 # ------------------------------------------------------------------------------------ training
-def atomic_save(obj, path):
-    """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
+def atomic_write(path, write):
+    """write(f) to a temporary file, fsync, then rename: no crash leaves a half-written file."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -349,7 +345,7 @@ def main(argv=None):
         resumed = {k: v for k, v in ckpt["config"].items() if k not in ("resume", "max_steps", "device")}
         vars(args).update(resumed)  # the run continues with its own configuration
     print(json.dumps(vars(args), indent=1))
-    atomic_write_text(json.dumps(vars(args), indent=1), os.path.join(args.out, "config.json"))
+    atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -439,7 +435,7 @@ def main(argv=None):
                           f"loss {state['sums'][0] / state['sums'][2]:.4f} acc {state['sums'][1] / state['sums'][2]:.4f} "
                           f"{rate:.0f} samples/s ETA {eta:.0f}s   ", end="", flush=True)
                 if halt and not done:
-                    atomic_save(checkpoint(), last_path)
+                    atomic_write(last_path, lambda f: torch.save(checkpoint(), f))
                     print(f"\nstopped at step {state['global_step']}; saved {last_path} (continue with --resume)")
                     return state
             print()
@@ -455,11 +451,11 @@ def main(argv=None):
                 state["best"] = row
             state.update(epoch=state["epoch"] + 1, step=0, perm=None, sums=[0.0, 0, 0])
             ckpt_now = checkpoint()
-            atomic_save(ckpt_now, last_path)
+            atomic_write(last_path, lambda f: torch.save(ckpt_now, f))
             if is_best:
-                atomic_save(ckpt_now, os.path.join(args.out, "best.pt"))
-            atomic_write_text("".join(json.dumps(r) + "\n" for r in state["history"]),
-                              os.path.join(args.out, "metrics.jsonl"))
+                atomic_write(os.path.join(args.out, "best.pt"), lambda f: torch.save(ckpt_now, f))
+            metrics = "".join(json.dumps(r) + "\n" for r in state["history"])
+            atomic_write(os.path.join(args.out, "metrics.jsonl"), lambda f: f.write(metrics.encode()))
             print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
                   f"val loss {val_loss:.4f} acc {val_acc:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f} | "
                   f"lr {row['lr']:.2e} | {row['seconds']:.1f}s")
