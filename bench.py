@@ -4,16 +4,15 @@
     python bench.py --json out.json  # the same, also written as JSON
 
 Each figure: warm-up runs, then the median of several timed runs of forward + backward. Peak
-memory: torch.cuda.max_memory_allocated on CUDA; on CPU the growth of the peak resident set of a
-fresh child process (glibc's mmap threshold pinned so freed blocks are returned), which counts
-every byte the run touches. All models come from hope.py, s4d.py and train_scifar.py.
+memory: torch.cuda.max_memory_allocated on CUDA; on CPU (Linux) the peak resident set of a fresh
+child process during one run, above its size before (after a warm-up run; glibc's mmap
+threshold pinned so that freed blocks are returned): every byte the run touches. All models come from hope.py, s4d.py and train_scifar.py.
 """
 import argparse
 import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -115,11 +114,18 @@ def peak_mb(name, device, batch):
 
 
 def child(name, batch):
-    """Runs in a fresh process: growth of the peak resident set over one run (Linux: KiB units)."""
+    """Runs in a fresh process: after a warm-up run, the peak resident set of one run above the size before it."""
     fn = case(name, torch.device("cpu"), batch)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()  # one-time allocations (FFT plans, thread pools) are not part of a step's peak
+
+    def status_kib(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM, the peak so far (import-time peaks included), to the current size
+    base = status_kib("VmRSS")
     fn()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    print((status_kib("VmHWM") - base) / 1024)
 
 
 def main():

@@ -72,7 +72,8 @@ def accuracy(path, results="results"):
         rows = [json.loads(line) for line in open(run)]
         ax.plot([r["epoch"] for r in rows], [r["val_acc"] for r in rows], marker="o",
                 color=COLORS[name.split("-")[0]], ls=":" if "nonoise" in name else "-", label=name)
-    ax.set(xlabel="epoch", ylabel="validation accuracy", title="Sequential Fashion-MNIST (results/)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set(xlabel="epoch", ylabel="validation accuracy", title="Noise-padded (solid) and plain (dotted) sequential Fashion-MNIST")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
