@@ -371,7 +371,7 @@ def main(argv=None):
         return make_batch(x, mean, std, not args.no_noise, generator)
 
     # Everything needed to continue a run exactly, mid-epoch included.
-    state = {"epoch": 0, "step": 0, "global_step": 0, "perm": None, "sums": [0.0, 0, 0],
+    state = {"epoch": 0, "step": 0, "global_step": 0, "perm": None, "sums": [0.0, 0],
              "history": [], "best": None}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -397,13 +397,16 @@ def main(argv=None):
         print("\ninterrupt: finishing this step, then saving last.pt (Ctrl-C again to abort without saving)")
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
+    def should_stop():
+        return stop["requested"] or state["global_step"] >= (args.max_steps or math.inf)
+
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
     try:
         while state["epoch"] < args.epochs:
             if state["perm"] is None:
                 state["perm"] = torch.randperm(len(x_train), generator=perm_gen)
             perm = state["perm"].to(device)
-            sums = torch.tensor(state["sums"][:2], dtype=torch.float64, device=device)  # loss sum, correct
+            sums = torch.tensor(state["sums"], dtype=torch.float64, device=device)  # loss sum, correct
             t0, step0, last_print = time.time(), state["step"], 0.0
             model.train()
             while state["step"] < steps_per_epoch:
@@ -419,12 +422,12 @@ def main(argv=None):
                 sums += torch.stack([loss.detach() * len(y), (logits.argmax(-1) == y).sum()]).double()
                 state["step"] += 1
                 state["global_step"] += 1
-                state["sums"][2] += len(y)
                 done = state["step"] == steps_per_epoch
-                halt = stop["requested"] or state["global_step"] >= (args.max_steps or math.inf)
+                halt = should_stop()
                 if time.time() - last_print > 1.0 or done or halt:  # the only host syncs of the loop
                     last_print = time.time()
-                    state["sums"][:2] = sums.tolist()
+                    state["sums"] = sums.tolist()
+                    seen = state["step"] * args.batch_size  # every batch is full
                     if not math.isfinite(state["sums"][0]):
                         raise FloatingPointError(
                             f"non-finite loss at epoch {state['epoch'] + 1}, step {state['step']}; "
@@ -432,7 +435,7 @@ def main(argv=None):
                     rate = (state["step"] - step0) * args.batch_size / (time.time() - t0)
                     eta = (steps_per_epoch - state["step"]) * args.batch_size / max(rate, 1e-9)
                     print(f"\repoch {state['epoch'] + 1}/{args.epochs} step {state['step']}/{steps_per_epoch} "
-                          f"loss {state['sums'][0] / state['sums'][2]:.4f} acc {state['sums'][1] / state['sums'][2]:.4f} "
+                          f"loss {state['sums'][0] / seen:.4f} acc {state['sums'][1] / seen:.4f} "
                           f"{rate:.0f} samples/s ETA {eta:.0f}s   ", end="", flush=True)
                 if halt and not done:
                     atomic_write(last_path, lambda f: torch.save(checkpoint(), f))
@@ -441,7 +444,7 @@ def main(argv=None):
             print()
             val_loss, val_acc = evaluate(model, *data["val"], batch, args, autocast)
             test_loss, test_acc = evaluate(model, *data["test"], batch, args, autocast)
-            loss_sum, correct, count = state["sums"]
+            (loss_sum, correct), count = state["sums"], steps_per_epoch * args.batch_size
             row = {"epoch": state["epoch"] + 1, "train_loss": loss_sum / count, "train_acc": correct / count,
                    "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
                    "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0}
@@ -449,7 +452,7 @@ def main(argv=None):
             is_best = state["best"] is None or val_acc > state["best"]["val_acc"]
             if is_best:
                 state["best"] = row
-            state.update(epoch=state["epoch"] + 1, step=0, perm=None, sums=[0.0, 0, 0])
+            state.update(epoch=state["epoch"] + 1, step=0, perm=None, sums=[0.0, 0])
             ckpt_now = checkpoint()
             atomic_write(last_path, lambda f: torch.save(ckpt_now, f))
             if is_best:
@@ -459,7 +462,7 @@ def main(argv=None):
             print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
                   f"val loss {val_loss:.4f} acc {val_acc:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f} | "
                   f"lr {row['lr']:.2e} | {row['seconds']:.1f}s")
-            if stop["requested"] or state["global_step"] >= (args.max_steps or math.inf):
+            if should_stop():
                 print(f"stopped after epoch {row['epoch']}; saved {last_path} (continue with --resume)")
                 return state
     except FloatingPointError as e:
