@@ -7,6 +7,11 @@ Each figure: warm-up runs, then the median of several timed runs of forward + ba
 memory: torch.cuda.max_memory_allocated on CUDA; on CPU (Linux) the peak resident set of a fresh
 child process during one run, above its size before (after a warm-up run; glibc's mmap
 threshold pinned so that freed blocks are returned): every byte the run touches. All models come from hope.py, s4d.py and train_scifar.py.
+
+Kernel rows (H = 128, L = 2048, h and dt both get gradients): hope = the exact causal kernel's
+spectrum at the 2L nodes, what the causal layer uses; G2L = the plain transfer function G at the
+same nodes (the circular mode's evaluation, the exact kernel's lower bound); literal = Algorithm 1's
+steps 1-4 as one (H, L, n) complex tensor, then iFFT (the authors' form); s4d = S4D's kernel.
 """
 import argparse
 import json
@@ -22,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import train_scifar
-from hope import HOPE
+from hope import HOPE, hope_kernel_spectrum, hope_transfer
 from s4d import S4D
 
 H, L = 128, 2048
@@ -45,11 +50,15 @@ def literal_kernel(h, dt, L):
 def case(name, device, batch):
     """A zero-argument function running one forward + backward of the named case."""
     torch.manual_seed(0)
-    if name.startswith("kernel-"):  # kernel-<hope|literal|s4d>-n<state size>
+    if name.startswith("kernel-"):  # kernel-<hope|G2L|literal|s4d>-n<state size>; dt trains (gets a gradient)
         kind, n = name.split("-")[1], int(name.split("-n")[-1])
         layer = (S4D if kind == "s4d" else HOPE)(H, n, dt_min=0.1, dt_max=0.1).to(device)
         if kind == "literal":
             return lambda: literal_kernel(layer.h, layer.log_dt.exp(), L).square().sum().backward()
+        if kind == "hope":  # what the causal layer uses: the exact kernel's spectrum at the 2L nodes
+            return lambda: torch.view_as_real(hope_kernel_spectrum(layer.h, layer.log_dt.exp(), L)).square().sum().backward()
+        if kind == "G2L":  # plain G at the same 2L nodes (the circular mode's evaluation): the exact kernel's floor
+            return lambda: torch.view_as_real(hope_transfer(layer.h, layer.log_dt.exp(), 2 * L)).square().sum().backward()
         return lambda: layer.kernel(L).square().sum().backward()
     if name.startswith("layer-"):
         layer = (HOPE if name == "layer-hope" else S4D)(H, 64).to(device)
@@ -150,7 +159,8 @@ def main():
     print(f"kernel rows: H = {H}, L = {L}; layer and step rows: batch {batch}, L = {L}, d_model {H}"
           f"{'' if batch == 64 else ' (the paper trains at batch 64; smaller here to fit a CPU session)'}\n")
     rows = {}
-    names = ["kernel-hope-n64", "kernel-hope-n128", "kernel-literal-n64", "kernel-literal-n128", "kernel-s4d-n64",
+    names = ["kernel-hope-n64", "kernel-hope-n128", "kernel-G2L-n64", "kernel-G2L-n128", "kernel-literal-n64",
+             "kernel-literal-n128", "kernel-s4d-n64",
              "layer-hope", "layer-s4d", "step-hope-fp32", "step-s4d-fp32", "step-hope-bf16", "step-s4d-bf16"]
     names += ["step-hope-compile", "step-s4d-compile"] if args.compile else []
     print(f"{'case (forward + backward)':28s} {'ms':>10s} {'peak MiB':>10s} {'samples/s':>10s} {'s/epoch (45k)':>14s}")
@@ -166,6 +176,9 @@ def main():
         rows[case_name] = row
         print(f"{case_name:28s} {ms:10.2f} {mb:10.1f} {extra}", flush=True)
     ratios = {
+        "exact/G2L time, n=64": rows["kernel-hope-n64"]["ms"] / rows["kernel-G2L-n64"]["ms"],
+        "exact/G2L time, n=128": rows["kernel-hope-n128"]["ms"] / rows["kernel-G2L-n128"]["ms"],
+        "exact/G2L memory, n=128": rows["kernel-hope-n128"]["peak_mib"] / rows["kernel-G2L-n128"]["peak_mib"],
         "literal/fast time, n=64": rows["kernel-literal-n64"]["ms"] / rows["kernel-hope-n64"]["ms"],
         "literal/fast memory, n=64": rows["kernel-literal-n64"]["peak_mib"] / rows["kernel-hope-n64"]["peak_mib"],
         "literal/fast time, n=128": rows["kernel-literal-n128"]["ms"] / rows["kernel-hope-n128"]["ms"],

@@ -40,15 +40,29 @@ Why h is real here
     b has real coefficients, so for real input Re(output) depends on Re(h) only: the imaginary
     part that the authors' code stores is inert (test_complex_h_is_inert proves it).
 
-Exact and approximate
-    algorithm1   exact: the paper's circular convolution of length L.
-    circular=True in HOPE: exactly algorithm1, computed with rfft (faster, same numbers).
-    hope_kernel  the first L samples of the impulse response, computed from G at the 2L rfft
-                 nodes. Sampling at 2L nodes folds the response's tail beyond 2L back onto it:
-                 the result is exactly sum_m k[t + 2 L m] (tested), which equals k[t] up to the
-                 tail, negligible when n/dt << 2L (dt = 0.1, n = 64, L = 2048: below 1e-30).
-    causal mode  exact causal (Toeplitz) convolution with hope_kernel(h, dt, L).
-    step         exact recurrence; over a sequence it equals the causal mode.
+The exact causal kernel
+    The causal layer needs k[0..L-1], the first L samples of the impulse response of G_dt. The
+    2L-point FFT of G gives the response folded with period 2L instead: whatever lies beyond 2L
+    lands on top of it, and with memory windows n/dt of thousands of steps (dt = 1e-3, n = 64:
+    64000) that is not small. So split the response at L,
+        G(z) = K_L(z) + z^-L R(z),   K_L = sum_{t<L} k[t] z^-t,   R = sum_t k[L+t] z^-t (the tail),
+    and use z^-L = (-1)^k at the 2L-th roots of unity z_k:  K_L(z_k) = G(z_k) - (-1)^k R(z_k).
+    The tail is the free response from the state reached after L steps, so it is again a
+    polynomial in b, R = sum_{j=0}^{n} q_j b^j, whose n + 1 coefficients come from one power series:
+        Q(x) = (a + x)^(L-1) / (1 + a x)^L  (first n terms),  E_j = sum_{i>=j} h_i Q_{i-j},  q_j = E_j + a E_{j-1}.
+    (In the cascade's realization A, B and C are lower-triangular Toeplitz in the state index, so
+    they multiply like power series in x: A^(L-1) B is Q, and C (I - A/z)^-1 turns into (1 + a b).)
+    So K_L(z_k) = sum_m c_m b_k^m with c = [0, h] - (-1)^k q: the evaluation that gives G, with
+    the sign of q alternating between even and odd nodes. Q costs about 2 log2(L) FFT products of
+    length 2n; no (L, n) or (n, n) tensor is ever built.
+
+Exact, all of it
+    algorithm1             the paper's circular convolution of length L, written literally.
+    circular=True in HOPE  exactly algorithm1, computed with rfft (faster, same numbers).
+    hope_kernel            exactly the first L samples of the impulse response, every dt > 0.
+    causal mode            exact causal (Toeplitz) convolution with hope_kernel(h, dt, L), applied
+                           through its spectrum hope_kernel_spectrum (no round trip to time).
+    step                   the same causal system one step at a time; equals the causal mode.
 """
 import math
 
@@ -96,20 +110,23 @@ def _check_positive(dt):
 
 
 def _warped_angle(dt, nfft):
-    """phi[:, k] = arg b(z_k) per channel at the rfft nodes z_k = exp(2 pi i k / nfft); (H, nfft//2 + 1).
+    """phi[:, k] = arg b(z_k) at the rfft nodes z_k = exp(2 pi i k / nfft); (H, nfft//2 + 1).
 
-    With |b| = 1 the warped node is exp(i phi): arg omega' = theta + 2 atan2(a sin, 1 - a cos),
-    and b = 1/omega'. This form has no singularity, unlike steps 2-3 of algorithm1.
+    b = 1/omega' has |b| = 1 and arg b = -theta - 2 atan2(a sin theta, 1 - a cos theta), so the warped
+    node of step 3 is omega' = exp(-i phi). No singularity, unlike steps 2-3 of algorithm1. The
+    denominator is computed as (1 - a) + 2 a sin^2(theta/2) with 1 - a = 2 dt / (1 + dt): written as
+    1 - a cos theta it would lose every digit of a small dt near theta = 0 in float32.
     """
     theta = torch.arange(nfft // 2 + 1, dtype=dt.dtype, device=dt.device) * (2 * math.pi / nfft)
-    a = ((1 - dt) / (1 + dt))[:, None]  # (H, 1)
-    return -theta - 2 * torch.atan2(a * torch.sin(theta), 1 - a * torch.cos(theta))  # (H, F)
+    dt = dt[:, None]  # (H, 1)
+    a = (1 - dt) / (1 + dt)
+    return -theta - 2 * torch.atan2(a * torch.sin(theta), 2 * dt / (1 + dt) + 2 * a * torch.sin(theta / 2) ** 2)
 
 
-def _blocks(n):
-    """Block size c = ceil(sqrt(n)) and block count J = ceil(n / c), with c J >= n."""
-    c = math.isqrt(n - 1) + 1
-    return c, -(-n // c)
+def _blocks(m):
+    """Block size c = ceil(sqrt(m)) and block count J = ceil(m / c), with c J >= m."""
+    c = math.isqrt(m - 1) + 1
+    return c, -(-m // c)
 
 
 def _cis(angle):
@@ -118,81 +135,130 @@ def _cis(angle):
 
 
 def _powers(x, count):
-    """x^1, ..., x^count along a new last dim: (H, F) -> (H, F, count); cheaper than count cis calls."""
-    return x[..., None].expand(*x.shape, count).cumprod(-1)
+    """x^0, ..., x^(count-1) stacked along a new first dim, (count, *x.shape), by doubling.
 
-
-def _allpass_sum(h, phi):
-    """G[:, k] = sum_m h[:, m] b_k^(m+1) with b_k = exp(i phi[:, k]): (H, n), (H, F) -> (H, F).
-
-    Split m = c j + r (c ~ sqrt(n) powers per block, J blocks): b^(m+1) = b^(r+1) beta^j with
-    beta = b^c, so G = S_0 + beta (S_1 + beta (S_2 + ...)) with S_j = sum_r h_{cj+r} b^(r+1):
-    all J sums from one batched matmul, then Horner's rule. Only c powers of b exist at a time,
-    O(H F sqrt(n)) memory instead of the O(H F n) of the literal form.
+    log2(count) batched products of contiguous slabs. (A cumprod along a last dim would do the same
+    work, but complex cumprod is a slow scan on CUDA: 1.7 ms for one kernel's table.)
     """
-    H, n = h.shape
-    c, J = _blocks(n)
-    coef = F.pad(h, (0, c * J - n)).view(H, J, c).transpose(1, 2)  # (H, c, J)
-    P = _powers(_cis(phi), c)  # (H, F, c): b^(r+1)
-    S = P @ coef.to(P.dtype)  # (H, F, J)
-    beta = P[..., -1]
-    G = S[..., J - 1]
+    p = torch.ones_like(x)[None]
+    while len(p) < count:
+        p = torch.cat([p, p[:count - len(p)] * (p[-1] * x)])
+    return p
+
+
+def _poly(coef, phi):
+    """P[:, k] = sum_m coef[:, m] b_k^m with b_k = exp(i phi[:, k]): real (H, m), (H, nodes) -> complex (H, nodes).
+
+    Split m = c j + r (c ~ sqrt(m) powers per block, J blocks): b^m = b^r beta^j with beta = b^c, so
+    P = S_0 + beta (S_1 + beta (S_2 + ...)) with S_j = sum_r coef_{cj+r} b^r: all J inner sums from one
+    batched matmul, then Horner's rule. Only c powers of b exist at a time: O(H nodes sqrt(m)) memory
+    instead of the O(H nodes m) of the literal form.
+    """
+    H, m = coef.shape
+    c, J = _blocks(m)
+    b = _cis(phi)
+    powers = _powers(b, c)  # (c, H, nodes): b^r
+    blocks = F.pad(coef, (0, c * J - m)).view(H, J, c).to(b.dtype)  # (H, J, c): coef_{cj+r}
+    S = blocks @ powers.transpose(0, 1)  # (H, J, nodes)
+    beta = powers[-1] * b
+    P = S[:, J - 1]
     for j in range(J - 2, -1, -1):
-        G = G * beta + S[..., j]
-    return G
+        P = P * beta + S[:, j]
+    return P
 
 
-def _allpass_sum_adjoint(grad, phi, n):
-    """dh[:, m] = Re sum_k conj(grad[:, k]) b_k^(m+1): the transpose of _allpass_sum; -> (H, n)."""
-    H, nodes = phi.shape
-    c, J = _blocks(n)
-    P = _powers(_cis(phi), c)  # (H, F, c): b^(r+1)
-    T = torch.cat([grad.conj()[..., None], P[..., -1:].expand(H, nodes, J - 1)], -1)  # (H, F, J)
-    T.cumprod_(-1)  # conj(grad) beta^j
-    return (P.mT @ T).real.transpose(1, 2).reshape(H, c * J)[:, :n]  # (H, c, J) -> (H, n)
+def _poly_adjoint(grad, phi, m):
+    """dcoef[:, cj + r] = Re sum_k conj(grad[:, k]) b_k^r beta_k^j: the transpose of _poly; -> (H, m)."""
+    H = phi.shape[0]
+    c, J = _blocks(m)
+    b = _cis(phi)
+    powers = _powers(b, c)  # (c, H, nodes): b^r
+    T = grad.conj() * _powers(powers[-1] * b, J)  # (J, H, nodes): conj(grad) beta^j
+    dcoef = (T.transpose(0, 1) @ powers.permute(1, 2, 0)).real  # (H, J, nodes) @ (H, nodes, c) -> (H, J, c)
+    return dcoef.reshape(H, c * J)[:, :m]
 
 
-class _AllPassSumFn(torch.autograd.Function):
-    """G = sum_m h_m exp(i (m+1) phi) with an analytic backward that saves only h and phi.
+class _PolyFn(torch.autograd.Function):
+    """P = sum_m coef_m exp(i m phi) with an analytic backward that saves only coef and phi.
 
     Autograd through the Horner loop would keep every intermediate. The backward instead uses,
-    for a real loss and PyTorch's convention dLoss/dx = Re(conj(grad) dG/dx) for real x:
-        dG/dh_m = b^(m+1)                      -> dh_m  = Re sum_k conj(grad_k) b_k^(m+1)
-        dG/dphi = i sum_m (m+1) h_m b^(m+1)    -> dphi  = Re(conj(grad) i G'),  G' = G with h_m -> (m+1) h_m
-    so the backward is one more _allpass_sum and its transpose: O(H F sqrt(n)) memory, like the
+    for a real loss and PyTorch's convention dLoss/dx = Re(conj(grad) dP/dx) for real x:
+        dP/dcoef_m = b^m                     -> dcoef_m = Re sum_k conj(grad_k) b_k^m
+        dP/dphi = i sum_m m coef_m b^m       -> dphi    = Re(conj(grad) i P'),  P' = P with coef_m -> m coef_m
+    so the backward is one more _poly and its transpose: O(H nodes sqrt(m)) memory, like the
     forward. dphi flows on to dt through _warped_angle by ordinary autograd.
     """
 
     @staticmethod
-    def forward(ctx, h, phi):
-        ctx.save_for_backward(h, phi)
-        return _allpass_sum(h, phi)
+    def forward(ctx, coef, phi):
+        ctx.save_for_backward(coef, phi)
+        return _poly(coef, phi)
 
     @staticmethod
     def backward(ctx, grad):
-        h, phi = ctx.saved_tensors
-        n = h.shape[1]
-        dh = _allpass_sum_adjoint(grad, phi, n) if ctx.needs_input_grad[0] else None
+        coef, phi = ctx.saved_tensors
+        m = coef.shape[1]
+        dcoef = _poly_adjoint(grad, phi, m) if ctx.needs_input_grad[0] else None
         dphi = None
         if ctx.needs_input_grad[1]:
-            m1 = torch.arange(1, n + 1, dtype=h.dtype, device=h.device)
-            dphi = (grad.conj() * 1j * _allpass_sum(h * m1, phi)).real
-        return dh, dphi
+            index = torch.arange(m, dtype=coef.dtype, device=coef.device)
+            dphi = (grad.conj() * 1j * _poly(coef * index, phi)).real
+        return dcoef, dphi
 
 
 def hope_transfer(h, dt, nfft):
     """G_dt(z_k) = sum_i h_i b(z_k)^(i+1) at the rfft nodes of length nfft; -> complex (H, nfft//2 + 1).
 
+    The circular mode's spectrum (Algorithm 1). No input checks (called every step by the layer).
+    """
+    return _PolyFn.apply(F.pad(h, (1, 0)), _warped_angle(dt, nfft))  # coefficients of b^0 .. b^n
+
+
+def _tail(h, dt, L):
+    """q (H, n + 1) such that the kernel's tail sum_t k[L + t] z^-t equals sum_j q_j b(z)^j.
+
+    See "The exact causal kernel" in the module docstring. Power series are (H, n) tensors of their
+    first n coefficients; a product is an FFT convolution of length 2n (no wrap-around), cut to n.
+    Q = (a + x)^(L-1) / (1 + a x)^L is 1/(1 + a x) times the (L-1)-th power of f = (a + x)/(1 + a x),
+    by repeated squaring (log2 L steps). f's coefficients are a, then (1 - a^2)(-a)^(k-1) with
+    1 - a^2 = 4 dt / (1 + dt)^2; every coefficient of every power of f is at most 1 in magnitude.
+    """
+    n = h.shape[1]
+    dt = dt[:, None]  # (H, 1)
+    a = (1 - dt) / (1 + dt)
+    geometric = _powers(-a[:, 0], n).T  # (H, n): 1/(1 + a x) = sum_k (-a)^k x^k
+    f = torch.cat([a, 4 * dt / (1 + dt) ** 2 * geometric[:, :-1]], 1)  # (H, n)
+    pair, e = torch.stack([geometric, f]), L - 1  # (2, H, n): Q so far, f^(2^i)
+    while e:
+        X = torch.fft.rfft(pair, 2 * n)  # (2, H, n + 1)
+        products = torch.fft.irfft(X * X[1], 2 * n)[..., :n]  # (2, H, n): Q f^(2^i), f^(2^(i+1))
+        pair = products if e & 1 else torch.stack([pair[0], products[1]])
+        e >>= 1
+    E = torch.fft.irfft(torch.fft.rfft(h, 2 * n) * torch.fft.rfft(pair[0], 2 * n).conj(), 2 * n)[:, :n]  # (H, n)
+    return F.pad(E, (0, 1)) + a * F.pad(E, (1, 0))  # (H, n + 1): q_j = E_j + a E_(j-1)
+
+
+def hope_kernel_spectrum(h, dt, L):
+    """The rfft (length 2L) of the exact causal kernel k[0..L-1] zero-padded to 2L; -> complex (H, L + 1).
+
+    K_L(z_k) = G(z_k) - (-1)^k R(z_k) = sum_m c_m b_k^m with c = [0, h] - (-1)^k q (module docstring):
+    one polynomial evaluation, even nodes and odd nodes batched with their own coefficients.
     No input checks (called every step by the layer); hope_kernel is the checked public entry.
     """
-    return _AllPassSumFn.apply(h, _warped_angle(dt, nfft))
+    H, n = h.shape
+    g, q = F.pad(h, (1, 0)), _tail(h, dt, L)  # (H, n + 1) each: G and R as polynomials in b
+    coef = torch.stack([g - q, g + q], 1).view(2 * H, n + 1)  # even nodes (z^-L = 1), odd nodes (z^-L = -1)
+    phi = F.pad(_warped_angle(dt, 2 * L), (0, (L + 1) % 2))  # (H, 2 N2): one unused node if L + 1 is odd
+    phi = phi.view(H, -1, 2).transpose(1, 2).reshape(2 * H, -1)  # (2H, N2): the even nodes, then the odd ones
+    K = _PolyFn.apply(coef, phi)  # (2H, N2)
+    return K.view(H, 2, -1).transpose(1, 2).reshape(H, -1)[:, :L + 1]  # (H, L + 1): nodes back in order
 
 
 def hope_kernel(h, dt, L):
-    """Causal time-domain kernel of the HOPE systems: real h (H, n), dt > 0 (H,) -> real (H, L).
+    """The causal kernel of the HOPE systems: real h (H, n), dt > 0 (H,) -> real (H, L).
 
-    The first L samples of the impulse response of G_dt, via the rfft nodes of length 2L (exact up
-    to the tail beyond 2L; see the module docstring). Never builds an (H, L, n) tensor.
+    Exactly the first L samples of the impulse response of G_dt, for every dt > 0 (float64
+    round-off; tested against a sample-by-sample simulation). Never builds an (H, L, n) tensor.
     """
     if not torch.is_floating_point(h) or h.ndim != 2 or h.shape[1] < 1:
         raise ValueError(f"h must be a real floating tensor (H, n) with n >= 1, got {h.dtype} {tuple(h.shape)}; "
@@ -203,7 +269,7 @@ def hope_kernel(h, dt, L):
     _check_positive(dt)
     if not isinstance(L, int) or L < 1:
         raise ValueError(f"L must be an int >= 1, got {L!r}")
-    return torch.fft.irfft(hope_transfer(h, dt.to(h.dtype), 2 * L), n=2 * L)[:, :L]
+    return torch.fft.irfft(hope_kernel_spectrum(h, dt.to(h.dtype), L), n=2 * L)[:, :L]
 
 
 def _register(module, name, tensor, lr):
@@ -245,7 +311,7 @@ class HOPE(nn.Module):
 
     def kernel(self, L):
         """Causal kernel (H, L) of the current parameters."""
-        return torch.fft.irfft(hope_transfer(self.h, self.log_dt.exp(), 2 * L), n=2 * L)[:, :L]
+        return hope_kernel(self.h, self.log_dt.exp(), L)
 
     def forward(self, u):
         if not self.transposed:
@@ -253,14 +319,18 @@ class HOPE(nn.Module):
         if u.ndim != 3 or u.shape[1] != self.H or not torch.is_floating_point(u):
             raise ValueError(f"HOPE expects a float tensor (B, H={self.H}, L) (or (B, L, H) with "
                              f"transposed=False), got {u.dtype} {tuple(u.shape)}")
+        if self.h.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"HOPE's parameters are {self.h.dtype}; keep the layer in float32 (or float64) and "
+                             "use torch.autocast for mixed precision: the FFTs and the kernel need float32")
         u = u.to(torch.promote_types(u.dtype, torch.float32))  # torch.fft takes no bf16 (autocast may pass one)
         L = u.shape[-1]
+        dt = self.log_dt.exp()
         if self.circular:
-            G = hope_transfer(self.h, self.log_dt.exp(), L)  # (H, L//2 + 1)
+            G = hope_transfer(self.h, dt, L)  # (H, L//2 + 1)
             y = torch.fft.irfft(torch.fft.rfft(u, n=L) * G, n=L)  # (B, H, L)
         else:
-            k_f = torch.fft.rfft(self.kernel(L), n=2 * L)  # (H, L + 1)
-            y = torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * k_f, n=2 * L)[..., :L]  # (B, H, L)
+            K = hope_kernel_spectrum(self.h, dt, L)  # (H, L + 1)
+            y = torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * K, n=2 * L)[..., :L]  # (B, H, L)
         y = self._block(y, u)
         return y if self.transposed else y.transpose(-1, -2)
 
@@ -279,6 +349,9 @@ class HOPE(nn.Module):
         x_out[t] = a x_out[t-1] + x_in[t-1] - a x_in[t]; the output is sum_i h_i (section i's
         output) + D u. O(n) work per step and channel.
         """
+        if self.circular:
+            raise ValueError("step() runs the causal system; this layer has circular=True, whose wrap-around "
+                             "(each output sees the whole sequence) has no recurrence. Use circular=False")
         if u_t.ndim != 2 or u_t.shape[1] != self.H or state.shape != (u_t.shape[0], self.H, self.n + 1):
             raise ValueError(f"step expects u_t (B, {self.H}) and state (B, {self.H}, {self.n + 1}) "
                              f"from default_state(B), got {tuple(u_t.shape)} and {tuple(state.shape)}")

@@ -7,7 +7,9 @@ Glossary (code name = paper symbol: meaning)
     B, H, L      batch, channels (d_model), sequence length
     N = d_state  state size; the N/2 modes come in conjugate pairs, so only N/2 are stored
     A  (H, N/2)  complex diagonal state matrix, Re(A) < 0 for stability
-    C  (H, N/2)  complex output weights; B is absorbed into C (only C_n B_n enters the kernel)
+    b_in (N/2,)  the state-space input vector (the paper's B; B here is the batch): only C_n b_in_n
+                 enters the kernel, so it is absorbed into C at initialization
+    C  (H, N/2)  complex output weights
     dt (H,)      step size of the zero-order-hold (ZOH) discretization
     D  (H,)      feedthrough
     dA, dB       exp(dt A), (exp(dt A) - 1) / A: the discrete system x[t] = dA x[t-1] + dB u[t]
@@ -17,7 +19,7 @@ Initializations of A (init=...)
     lin     S4D-Lin: A_n = -1/2 + i pi n
     inv     S4D-Inv: A_n = -1/2 + i (N/pi) (N/(2n+1) - 1)
     legs    eigenvalues of the normal part of the HiPPO-LegS matrix (all -1/2 + i w_n), with
-            B = V^* B_LegS absorbed into C
+            b_in = V^* B_LegS absorbed into C, Im(b_in) clipped to [-2, 2] as in state-spaces/s4
 
 Parameterizations of Re(A) = f(w) (real_param=..., StableSSM, Wang & Li 2023). Near long memory
 (Re(A) = lambda -> 0) the gradient scale |f'(w)| / f(w)^2 behaves as:
@@ -64,9 +66,9 @@ def real_part_inverse(re, kind):
 
 
 def init_A(H, N, init):
-    """Initial A (H, N/2) complex128 and the B it comes with (H, N/2)."""
+    """Initial A (H, N/2) complex128 and the input vector b_in it comes with (H, N/2)."""
     n = torch.arange(N // 2, dtype=torch.float64)
-    B = torch.ones(N // 2, dtype=torch.complex128)
+    b_in = torch.ones(N // 2, dtype=torch.complex128)
     if init == "lin":
         A = -0.5 + 1j * math.pi * n
     elif init == "inv":
@@ -81,15 +83,18 @@ def init_A(H, N, init):
         lam, V = torch.linalg.eigh(1j * skew.to(torch.complex128))  # skew = V diag(-i lam) V^*
         keep = lam < 0  # one of each conjugate pair: Im(A) = -lam > 0
         A = -0.5 - 1j * lam[keep]
-        B = V[:, keep].conj().T @ q.to(torch.complex128)  # (N/2,)
-        A, B = A.flip(0), B.flip(0)  # ascending frequency, like lin and inv
-    return A.expand(H, -1).clone(), B.expand(H, -1).clone()
+        b_in = V[:, keep].conj().T @ q.to(torch.complex128)  # (N/2,): V^* B_LegS
+        # The official initializer (state-spaces/s4, hippo.nplr, B_clip=2.0) clips Im(b_in) to [-2, 2];
+        # S4D-LegS as published is that clipped system, so this one is too.
+        b_in = torch.complex(b_in.real, b_in.imag.clamp(-2.0, 2.0))
+        A, b_in = A.flip(0), b_in.flip(0)  # ascending frequency, like lin and inv
+    return A.expand(H, -1).clone(), b_in.expand(H, -1).clone()
 
 
 def s4d_kernel(dt, A, C, L):
     """ZOH-discretized diagonal SSM kernel: dt (H,), A and C complex (H, N/2) -> real (H, L).
 
-    k[l] = 2 Re sum_n C_n (exp(dt A_n) - 1) / A_n exp(dt A_n l)   (B absorbed into C).
+    k[l] = 2 Re sum_n C_n (exp(dt A_n) - 1) / A_n exp(dt A_n l)   (b_in absorbed into C).
     """
     if not (torch.is_complex(A) and torch.is_complex(C)) or A.ndim != 2 or A.shape != C.shape:
         raise ValueError(f"A and C must be complex tensors of the same shape (H, N/2), got "
@@ -136,8 +141,8 @@ class S4D(nn.Module):
         H = d_model
         self.H, self.real_param, self.transposed = H, real_param, transposed
         log_dt = torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-        A, B = init_A(H, d_state, init)
-        C = torch.randn(H, d_state // 2, dtype=torch.complex128) * B
+        A, b_in = init_A(H, d_state, init)
+        C = torch.randn(H, d_state // 2, dtype=torch.complex128) * b_in
         _register(self, "log_dt", log_dt, lr_dt)
         _register(self, "w", real_part_inverse(A.real, real_param).float(), lr)
         _register(self, "A_imag", A.imag.float(), lr)
@@ -161,6 +166,9 @@ class S4D(nn.Module):
         if u.ndim != 3 or u.shape[1] != self.H or not torch.is_floating_point(u):
             raise ValueError(f"S4D expects a float tensor (B, H={self.H}, L) (or (B, L, H) with "
                              f"transposed=False), got {u.dtype} {tuple(u.shape)}")
+        if self.C.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"S4D's parameters are {self.C.dtype}; keep the layer in float32 (or float64) and "
+                             "use torch.autocast for mixed precision: the FFTs and the kernel need float32")
         u = u.to(torch.promote_types(u.dtype, torch.float32))  # torch.fft takes no bf16 (autocast may pass one)
         L = u.shape[-1]
         k_f = torch.fft.rfft(self.kernel(L), n=2 * L)  # (H, L + 1)

@@ -1,10 +1,11 @@
 """Every fast path against an independent ground truth (float64 unless a test says otherwise)."""
+import copy
 import math
 
 import pytest
 import torch
 
-from hope import HOPE, algorithm1, hope_kernel
+from hope import HOPE, algorithm1, hope_kernel, hope_kernel_spectrum, hope_transfer
 from s4d import INITS, REAL_PARAMS, S4D, init_A, real_part, s4d_kernel
 
 f64 = torch.float64
@@ -31,7 +32,13 @@ def direct_causal(u, k):
 
 
 def realization(h, dt):
-    """The explicit n-state realization of NOTES.md (one channel): A, B, C, D."""
+    """An explicit n-state realization of one channel's G_dt: A, B, C, D.
+
+    Start from the shift register of G(z) = sum_i h_i z^(-i-1) (A0 = lower shift, B0 = e_1, C0 = h)
+    and substitute z^-1 -> b(z) = (z^-1 - a)/(1 - a z^-1): with M = (I + a A0)^-1 this gives
+    A = M (A0 + a I), B = M B0, C = h (I - a A), D = -a h M B0 (all eigenvalues of A equal a).
+    Independent of hope.py: dense matrices, no FFT, no all-pass polynomial.
+    """
     n = h.shape[0]
     a = (1 - dt) / (1 + dt)
     A0 = torch.diag(torch.ones(n - 1, dtype=f64), -1)
@@ -67,12 +74,23 @@ def test_algorithm1_is_circular_convolution(L):
         torch.testing.assert_close(algorithm1(u, h, dt), direct_circular(u, k), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("dt", [0.05, 0.3, 1.0, 3.0])
-def test_hope_kernel_equals_recurrence(dt):
-    h = torch.randn(3, 8, dtype=f64)
-    dt = torch.full((3,), dt, dtype=f64)
-    L = 256  # n/dt <= 160, so the tail beyond 2L is far below 1e-12
-    torch.testing.assert_close(hope_kernel(h, dt, L), impulse_response(h, dt, L), rtol=0, atol=1e-12)
+def kernel_error(k, ref, h):
+    """Per-channel ||k - ref|| / ||ref||; where ref is exactly zero (dt = 1, L = 1: k[0] = -a h(...) = 0),
+    relative to ||h||, the norm of the whole response (the all-pass basis is orthonormal)."""
+    den = ref.norm(dim=1)
+    return ((k.double() - ref).norm(dim=1) / torch.where(den > 0, den, h.norm(dim=1))).max().item()
+
+
+@pytest.mark.parametrize("dt", [1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0])
+def test_hope_kernel_is_the_exact_impulse_response(dt):
+    """Against the n-state realization run step by step, including memory windows n/dt far beyond 2L."""
+    for n in (1, 7, 64):
+        for L in (1, 2, 3, 100, 1024):
+            h = torch.randn(3, n, dtype=f64)
+            dts = torch.full((3,), dt, dtype=f64) * torch.tensor([1.0, 1.3, 0.7], dtype=f64)
+            ref = impulse_response(h, dts, L)
+            assert kernel_error(hope_kernel(h, dts, L), ref, h) <= 1e-10, (n, L)
+            assert kernel_error(hope_kernel(h.float(), dts.float(), L), ref, h) <= 1e-4, (n, L)
 
 
 def test_hope_kernel_dt1_is_fir():
@@ -83,16 +101,22 @@ def test_hope_kernel_dt1_is_fir():
     torch.testing.assert_close(k, expected, rtol=0, atol=1e-13)
 
 
-def test_hope_kernel_folds_tail_beyond_2L():
-    """With a long memory (n/dt = 400 >> 2L = 64) the result is exactly sum_m k[t + 2Lm]."""
+def test_exact_kernel_is_not_the_folded_one():
+    """G at the 2L-point nodes is the response folded with period 2L; the causal kernel is the response itself.
+
+    With n/dt = 400 >> 2L = 64 the two differ by more than 1e-3: the tail correction is what makes it exact.
+    """
     h = torch.randn(2, 4, dtype=f64)
     dt = torch.full((2,), 0.01, dtype=f64)
     L, periods = 32, 200
     k = impulse_response(h, dt, 2 * L * periods)
     assert k[:, -2 * L:].abs().max() < 1e-14
-    folded = k.reshape(2, periods, 2 * L).sum(1)[:, :L]
-    torch.testing.assert_close(hope_kernel(h, dt, L), folded, rtol=0, atol=1e-12)
-    assert (hope_kernel(h, dt, L) - k[:, :L]).abs().max() > 1e-3  # the tail matters here
+    folded = k.reshape(2, periods, 2 * L).sum(1)  # (H, 2L)
+    torch.testing.assert_close(torch.fft.irfft(hope_transfer(h, dt, 2 * L), n=2 * L), folded, rtol=0, atol=1e-12)
+    assert (folded[:, :L] - k[:, :L]).abs().max() > 1e-3
+    torch.testing.assert_close(hope_kernel(h, dt, L), k[:, :L], rtol=0, atol=1e-12)
+    spectrum = torch.fft.rfft(torch.cat([k[:, :L], torch.zeros(2, L, dtype=f64)], 1))  # the zero-padded kernel
+    torch.testing.assert_close(hope_kernel_spectrum(h, dt, L), spectrum, rtol=0, atol=1e-11)
 
 
 @pytest.mark.parametrize("L", [20, 21])
@@ -102,7 +126,7 @@ def test_hope_kernel_matches_algorithm1(L):
     dt = torch.tensor([0.2, 1.0, 4.0], dtype=f64)
     delta = torch.zeros(3, L, dtype=f64)
     delta[:, 0] = 1
-    long = hope_kernel(h, dt, 40 * L)  # tail beyond 80L is negligible
+    long = hope_kernel(h, dt, 40 * L)  # n/dt <= 25: the response beyond 40 L is below 1e-30
     torch.testing.assert_close(algorithm1(delta, h, dt), long.reshape(3, 40, L).sum(1), rtol=0, atol=1e-12)
 
 
@@ -143,10 +167,21 @@ def run_steps(layer, u):
     return torch.stack(ys, -1)
 
 
-def test_hope_step_equals_convolution():
-    layer = HOPE(3, d_state=8, dt_min=0.3, dt_max=3.0).double().eval()
-    u = torch.randn(2, 3, 50, dtype=f64)  # n/dt <= 27 << 2L: the folded tail is below 1e-12
-    torch.testing.assert_close(run_steps(layer, u), layer(u), rtol=0, atol=1e-10)
+@pytest.mark.parametrize("dt_min, dt_max", [(0.001, 0.1), (1e-4, 1e-2), (0.3, 3.0)])
+def test_hope_step_equals_convolution(dt_min, dt_max):
+    """(0.001, 0.1) is the layer's default: memory windows n/dt up to 16000 steps, far beyond 2L."""
+    layer = HOPE(3, d_state=16, dt_min=dt_min, dt_max=dt_max).double().eval()
+    u = torch.randn(2, 3, 50, dtype=f64)
+    y = layer(u)
+    assert (run_steps(layer, u) - y).norm() / y.norm() <= 1e-10
+
+
+def test_causal_layer_prefix_property():
+    """Causal: the output at length L is the first L outputs at length 2L, whatever dt."""
+    layer = HOPE(4, d_state=16, dt_min=1e-3, dt_max=0.1).double().eval()
+    u = torch.randn(2, 4, 60, dtype=f64)
+    torch.testing.assert_close(layer(u[..., :30]), layer(u)[..., :30], rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer(u[..., :7]), layer(u)[..., :7], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("init", INITS)
@@ -177,9 +212,30 @@ def test_s4d_legs_init_is_normal_hippo_spectrum():
     normal = legs + 0.5 * q[:, None] * q[None, :]  # HiPPO-LegS + P P^T, P = q / sqrt(2)
     eig = torch.linalg.eigvals(normal)
     eig = eig[eig.imag > 0]
-    A, B = init_A(1, N, "legs")
+    A, b_in = init_A(1, N, "legs")
     torch.testing.assert_close(A[0], eig[eig.imag.argsort()], rtol=0, atol=1e-9)
-    assert B.abs().min() > 1e-3
+    assert b_in.abs().min() > 1e-3
+
+
+@pytest.mark.parametrize("N", [16, 64])
+def test_s4d_legs_matches_official_initializer(N):
+    """state-spaces/s4's hippo.nplr restated: eigh of -i times the normal part (LAPACK reads its lower
+    triangle), keep the N/2 eigenvalues with the smallest imaginary part, B = V^* B_LegS, then Im(B)
+    clipped to [-2, 2] (B_clip = 2.0). This project keeps the other member of each conjugate pair,
+    so its (A, b_in) must be exactly the complex conjugate, mode by mode."""
+    q = torch.sqrt(2 * torch.arange(N, dtype=f64) + 1)
+    legs = -torch.tril(q[:, None] * q[None, :], -1) - torch.diag(torch.arange(N, dtype=f64) + 1)
+    normal = legs + 0.5 * q[:, None] * q[None, :]
+    w_im, V = torch.linalg.eigh(normal.to(torch.complex128) * -1j)
+    keep = w_im.argsort()[:N // 2]
+    w, V = -0.5 + 1j * w_im[keep], V[:, keep]
+    B = V.conj().T @ q.to(torch.complex128)
+    assert (B.imag.abs() > 2).any()  # the clip changes some modes at both sizes
+    B = torch.complex(B.real, B.imag.clamp(-2, 2))
+    A, b_in = init_A(1, N, "legs")
+    order = (-w.imag).argsort()  # ascending Im(conj(w)), as init_A orders its modes
+    torch.testing.assert_close(A[0], w.conj()[order], rtol=0, atol=1e-9)
+    torch.testing.assert_close(b_in[0], B.conj()[order], rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("init", INITS)
@@ -232,10 +288,13 @@ def test_warp_preserves_hankel_singular_values(dt):
 
 
 @pytest.mark.parametrize("n", [1, 5, 9])
-def test_hope_kernel_gradcheck(n):
+@pytest.mark.parametrize("dt", [1e-3, 0.1, 2.0])
+def test_hope_kernel_gradcheck(n, dt):
+    """The analytic backward of the polynomial and autograd through the tail, for h and dt."""
     h = torch.randn(2, n, dtype=f64, requires_grad=True)
-    dt = torch.tensor([0.3, 1.7], dtype=f64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda h, dt: hope_kernel(h, dt, 12), (h, dt))
+    dts = torch.tensor([dt, 1.7 * dt], dtype=f64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, dt: hope_kernel(h, dt, 12), (h, dts))
+    assert torch.autograd.gradcheck(lambda h, dt: torch.view_as_real(hope_transfer(h, dt, 10)), (h, dts))
 
 
 def test_hope_layer_optimizer_hints():
@@ -263,6 +322,9 @@ h2, dt2 = torch.randn(2, 4), torch.ones(2)
     (lambda: HOPE(4)(torch.randn(4, 8)), "expects a float tensor"),
     (lambda: HOPE(4, dt_min=0.0), "dt_min"),
     (lambda: HOPE(4).step(torch.randn(2, 4), torch.zeros(2, 4, 3)), "default_state"),
+    (lambda: HOPE(4, circular=True).step(torch.randn(2, 4), HOPE(4).default_state(2)), "circular=False"),
+    (lambda: HOPE(4).bfloat16()(torch.randn(2, 4, 8)), "keep the layer in float32"),
+    (lambda: S4D(4).bfloat16()(torch.randn(2, 4, 8)), "keep the layer in float32"),
     (lambda: S4D(4)(torch.randn(2, 3, 8)), r"expects a float tensor \(B, H=4, L\)"),
     (lambda: S4D(4, init="foo"), "init must be one of"),
     (lambda: S4D(4, real_param="foo"), "real_param must be one of"),
@@ -283,3 +345,30 @@ def test_paper_size_float32_forward_backward(cls):
     y.square().mean().backward()
     assert y.shape == u.shape and torch.isfinite(y).all()
     assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+def relative_error(x, ref):
+    return ((x.double().cpu() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cls", [HOPE, S4D])
+def test_cuda_complex64_and_bf16_autocast_match_float64(cls):
+    """On CUDA: the float32/complex64 kernel (also under bf16 autocast, which must leave it in float32)
+    and the layer's output and gradients under autocast agree with the float64 layer on CPU."""
+    layer = cls(32, d_state=64).eval()  # the layer's default dt range
+    u = torch.randn(4, 32, 1000)
+    ref = copy.deepcopy(layer).double()
+    y_ref = ref(u.double())
+    y_ref.square().mean().backward()
+    k_ref = ref.kernel(1000).detach()
+    gpu = layer.cuda()
+    assert relative_error(gpu.kernel(1000).detach(), k_ref) < 1e-4
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        k = gpu.kernel(1000)
+        y = gpu(u.cuda())
+    assert k.dtype == torch.float32 and relative_error(k.detach(), k_ref) < 1e-4
+    assert relative_error(y.detach(), y_ref.detach()) < 2e-2  # bf16 in the 1x1 conv: ~3 digits
+    y.float().square().mean().backward()
+    for (name, p), p_ref in zip(gpu.named_parameters(), ref.parameters()):
+        assert relative_error(p.grad, p_ref.grad) < 5e-2, name
