@@ -153,9 +153,9 @@ def main():
     batch = args.batch or (64 if cuda else 8)
     reps = args.reps or (20 if cuda else 5)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda  # as train_scifar.py
-    print(f"device: {name}; torch {torch.__version__}; float32 weights, FFTs in float32; TF32 "
-          f"{'on' if cuda else 'n/a'}; bf16 rows: autocast for the dense parts; median of {reps} runs after warm-up")
+    print(f"device: {name}; torch {torch.__version__}; float32 weights, FFTs in float32; TF32 matmuls "
+          f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'} (PyTorch's default, as train_scifar.py); "
+          f"bf16 rows: autocast for the dense parts; median of {reps} runs after warm-up")
     print(f"kernel rows: H = {H}, L = {L}; layer and step rows: batch {batch}, L = {L}, d_model {H}"
           f"{'' if batch == 64 else ' (the paper trains at batch 64; smaller here to fit a CPU session)'}\n")
     rows = {}

@@ -293,7 +293,8 @@ def test_hope_kernel_gradcheck(n, dt):
     """The analytic backward of the polynomial and autograd through the tail, for h and dt."""
     h = torch.randn(2, n, dtype=f64, requires_grad=True)
     dts = torch.tensor([dt, 1.7 * dt], dtype=f64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda h, dt: hope_kernel(h, dt, 12), (h, dts))
+    for L in (1, 2, 12):
+        assert torch.autograd.gradcheck(lambda h, dt: hope_kernel(h, dt, L), (h, dts))
     assert torch.autograd.gradcheck(lambda h, dt: torch.view_as_real(hope_transfer(h, dt, 10)), (h, dts))
 
 
