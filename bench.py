@@ -3,7 +3,8 @@
     python bench.py                  # full sizes: H = 128, L = 2048, 4 x 128 model
     python bench.py --json out.json  # the same, also written as JSON
 
-Each figure: warm-up runs, then the median of several timed runs of forward + backward. Peak
+Each figure: warm-up runs, then the median of several timed runs of forward + backward, taken
+round-robin within the kernel, layer and step groups (a slow phase of the machine hits all alike). Peak
 memory: torch.cuda.max_memory_allocated on CUDA; on CPU (Linux) the peak resident set of a fresh
 child process during one run, above its size before (after a warm-up run; glibc's mmap
 threshold pinned so that freed blocks are returned): every byte the run touches. All models come from hope.py, s4d.py and train_scifar.py.
@@ -92,17 +93,21 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_ms(fn, device, warmup, reps):
-    for _ in range(warmup):
-        fn()
+def time_ms(fns, device, warmup, reps):
+    """Median ms of each function, timed round-robin (one run of each per round), so that a slow
+    phase of a noisy machine hits every case alike and the ratios stay fair."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync(device)
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def peak_mb(name, device, batch):
@@ -141,7 +146,7 @@ def main():
     p = argparse.ArgumentParser(description="HOPE vs S4D timings on the current device")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=None, help="batch for the layer and step rows (default: 64 on CUDA, 8 on CPU)")
-    p.add_argument("--reps", type=int, default=None, help="timed runs per figure (default: 20 on CUDA, 5 on CPU)")
+    p.add_argument("--reps", type=int, default=None, help="timed runs per figure (default: 20 on CUDA, 9 on CPU)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--compile", action="store_true", help="add torch.compile rows for the training step (slow to compile)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -151,7 +156,7 @@ def main():
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     batch = args.batch or (64 if cuda else 8)
-    reps = args.reps or (20 if cuda else 5)
+    reps = args.reps or (20 if cuda else 9)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"device: {name}; torch {torch.__version__}; float32 weights, FFTs in float32; TF32 matmuls "
           f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'} (PyTorch's default, as train_scifar.py); "
@@ -164,17 +169,20 @@ def main():
              "layer-hope", "layer-s4d", "step-hope-fp32", "step-s4d-fp32", "step-hope-bf16", "step-s4d-bf16"]
     names += ["step-hope-compile", "step-s4d-compile"] if args.compile else []
     print(f"{'case (forward + backward)':28s} {'ms':>10s} {'peak MiB':>10s} {'samples/s':>10s} {'s/epoch (45k)':>14s}")
+    ms = {}
+    for prefix in ("kernel", "layer", "step"):  # each group timed round-robin
+        group = [name for name in names if name.startswith(prefix)]
+        ms.update(time_ms({name: case(name, device, batch) for name in group}, device, 2 if not cuda else 5, reps))
     for case_name in names:
-        ms = time_ms(case(case_name, device, batch), device, warmup=2 if not cuda else 5, reps=reps)
         mb = peak_mb(case_name, device, batch)
-        row = {"ms": ms, "peak_mib": mb}
+        row = {"ms": ms[case_name], "peak_mib": mb}
         extra = ""
         if case_name.startswith("step"):
-            row["samples_per_s"] = batch * 1e3 / ms
+            row["samples_per_s"] = batch * 1e3 / row["ms"]
             row["epoch_s"] = 45000 / row["samples_per_s"]
             extra = f"{row['samples_per_s']:10.0f} {row['epoch_s']:14.1f}"
         rows[case_name] = row
-        print(f"{case_name:28s} {ms:10.2f} {mb:10.1f} {extra}", flush=True)
+        print(f"{case_name:28s} {row['ms']:10.2f} {mb:10.1f} {extra}", flush=True)
     ratios = {
         "exact/G2L time, n=64": rows["kernel-hope-n64"]["ms"] / rows["kernel-G2L-n64"]["ms"],
         "exact/G2L time, n=128": rows["kernel-hope-n128"]["ms"] / rows["kernel-G2L-n128"]["ms"],
