@@ -67,7 +67,7 @@ def case(name, device, batch):
         return lambda: layer(u).square().mean().backward()
     model_name, variant = name.split("-")[1:]  # step-<model>-<fp32|bf16|compile>
     amp = variant == "bf16"
-    args = train_scifar.parse_args(["--model", model_name, "--device", str(device)])
+    _, args, _ = train_scifar.parse_args(["--model", model_name, "--device", str(device)])
     model = train_scifar.build_model(args, 3, L // 2).to(device)
     forward = torch.compile(model) if variant == "compile" else model
     with open(os.devnull, "w") as quiet:
@@ -80,7 +80,7 @@ def case(name, device, batch):
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = forward(train_scifar.make_batch(images, mean, std, noise=True))
+            logits = forward(train_scifar.make_batch(images, mean, std, torch.rand(images.shape, device=device)))
         loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

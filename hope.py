@@ -318,14 +318,15 @@ def hope_kernel(h, dt, L):
     return torch.fft.irfft(hope_kernel_spectrum(h, dt.to(h.dtype), L), n=2 * L)[:, :L]
 
 
-def _register(module, name, tensor, lr):
-    """lr == 0: frozen buffer; else a parameter, with an optimizer hint when lr is given (state-spaces/s4 style)."""
+def _register(module, name, tensor, lr, weight_decay=0.0):
+    """lr == 0: frozen buffer; else a parameter, with an optimizer hint when lr is given (state-spaces/s4
+    style); weight_decay=None leaves its weight decay to the optimizer."""
     if lr == 0.0:
         module.register_buffer(name, tensor)
         return
     module.register_parameter(name, nn.Parameter(tensor))
     if lr is not None:
-        getattr(module, name)._optim = {"lr": lr, "weight_decay": 0.0}
+        getattr(module, name)._optim = {"lr": lr} | ({} if weight_decay is None else {"weight_decay": weight_decay})
 
 
 class HOPE(nn.Module):
@@ -334,8 +335,8 @@ class HOPE(nn.Module):
     Input and output (B, H, L), or (B, L, H) with transposed=False.
     d_state: n, the number of Markov parameters (n-by-n Hankel matrix).
     dt_min, dt_max: dt is log-uniform in [dt_min, dt_max] per channel; set them equal to fix it.
-    lr_dt: learning-rate hint for dt (0 freezes it as a buffer); lr_h: hint for h (None: the
-        optimizer's default, as in the paper).
+    lr_dt: learning-rate hint for dt (0 freezes it as a buffer; no weight decay); lr_h: hint for h
+        (None: the optimizer's default, as in the paper); h keeps the optimizer's weight decay.
     circular: use the paper's circular convolution (equal to algorithm1) instead of the causal one.
     """
 
@@ -349,7 +350,7 @@ class HOPE(nn.Module):
         log_dt = torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
         _register(self, "log_dt", log_dt, lr_dt)
         # The authors' init scale; the paper only says "random".
-        _register(self, "h", torch.randn(H, n) / (2 * math.sqrt(2 * n)), lr_h)
+        _register(self, "h", torch.randn(H, n) / (2 * math.sqrt(2 * n)), lr_h, weight_decay=None)
         self.D = nn.Parameter(torch.randn(H))
         self.activation = nn.GELU()
         self.dropout = nn.Dropout1d(dropout) if dropout > 0 else nn.Identity()

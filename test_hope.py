@@ -138,14 +138,26 @@ def test_complex_h_is_inert():
     assert (algorithm1(u, h, dt) - algorithm1(u, h.imag, dt)).abs().max() > 1e-3
 
 
+def block(layer, conv, u):
+    """The layer's block written out independently: 1x1 conv + GLU of GELU(SSM output + D u)."""
+    return layer.output_linear(torch.nn.functional.gelu(conv + layer.D[:, None] * u))
+
+
 def test_hope_layer_causal_is_toeplitz_and_circular_is_algorithm1():
-    layer = HOPE(3, d_state=6, dt_min=0.2, dt_max=2.0).double().eval()
+    layer = HOPE(3, d_state=6, dt_min=1e-3, dt_max=2.0).double().eval()
     u = torch.randn(2, 3, 40, dtype=f64)
     dt = layer.log_dt.exp()
-    conv = direct_causal(u, hope_kernel(layer.h, dt, 40))
-    torch.testing.assert_close(layer(u), layer._block(conv, u), rtol=0, atol=1e-12)
+    conv = direct_causal(u, impulse_response(layer.h.detach(), dt.detach(), 40))
+    torch.testing.assert_close(layer(u), block(layer, conv, u), rtol=0, atol=1e-12)
     layer.circular = True
-    torch.testing.assert_close(layer(u), layer._block(algorithm1(u, layer.h, dt), u), rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer(u), block(layer, algorithm1(u, layer.h, dt), u), rtol=0, atol=1e-12)
+
+
+def test_s4d_layer_is_toeplitz():
+    layer = S4D(3, d_state=8).double().eval()
+    u = torch.randn(2, 3, 40, dtype=f64)
+    conv = direct_causal(u, s4d_kernel(*layer._system(), 40))
+    torch.testing.assert_close(layer(u), block(layer, conv, u), rtol=0, atol=1e-12)
 
 
 def test_transposed_layout():
@@ -301,7 +313,8 @@ def test_hope_kernel_gradcheck(n, dt):
 def test_hope_layer_optimizer_hints():
     layer = HOPE(4, lr_dt=0.0, lr_h=0.001)
     assert "log_dt" in dict(layer.named_buffers())
-    assert layer.h._optim == {"lr": 0.001, "weight_decay": 0.0}
+    assert layer.h._optim == {"lr": 0.001}  # h keeps the optimizer's weight decay
+    assert HOPE(4, lr_dt=0.01).log_dt._optim == {"lr": 0.01, "weight_decay": 0.0}
     s4d = S4D(4, lr=0.002)
     assert s4d.w._optim["lr"] == s4d.A_imag._optim["lr"] == 0.002 and not hasattr(s4d.C, "_optim")
 

@@ -1,5 +1,7 @@
 """train_scifar.py on tiny data files made here in the real formats (no network, no Debian package)."""
 import gzip
+import math
+import subprocess
 import io
 import json
 import os
@@ -17,9 +19,10 @@ import torch
 import train_scifar as ts
 
 
-def fake_numpy(monkeypatch):
-    """Modules named like numpy's, so that pickle writes a uint8 array exactly as numpy would."""
-    np, core, multiarray = (types.ModuleType(m) for m in ("numpy", "numpy.core", "numpy.core.multiarray"))
+def fake_numpy(monkeypatch, core_name="numpy.core"):
+    """Modules named like numpy's, so that pickle writes a uint8 array exactly as numpy would
+    (core_name: numpy.core as numpy 1 writes, numpy._core as numpy 2 does)."""
+    np, core, multiarray = (types.ModuleType(m) for m in ("numpy", core_name, core_name + ".multiarray"))
 
     def _reconstruct(cls, shape, code):
         raise AssertionError("never called while pickling")
@@ -39,7 +42,7 @@ def fake_numpy(monkeypatch):
         def __reduce__(self):
             return dtype, self.args, (3, "|", None, None, None, -1, -1, 0)
 
-    _reconstruct.__module__, _reconstruct.__qualname__ = "numpy.core.multiarray", "_reconstruct"
+    _reconstruct.__module__, _reconstruct.__qualname__ = core_name + ".multiarray", "_reconstruct"
     for cls in (ndarray, dtype):
         cls.__module__, cls.__qualname__ = "numpy", cls.__name__
     np.ndarray, np.dtype, multiarray._reconstruct = ndarray, dtype, _reconstruct
@@ -48,9 +51,34 @@ def fake_numpy(monkeypatch):
     return ndarray
 
 
-def write_cifar(monkeypatch, data_dir, n_train=10, n_test=6):
-    """A CIFAR-10 python tarball with 5 train batches of n_train images and one test batch."""
-    ndarray = fake_numpy(monkeypatch)
+def py2_string(s):
+    """A Python 2 str as cPickle protocol 2 writes it: SHORT_BINSTRING, or BINSTRING from 256 bytes."""
+    s = s.encode("latin-1") if isinstance(s, str) else s
+    return (b"U" + bytes([len(s)]) if len(s) < 256 else b"T" + struct.pack("<I", len(s))) + s
+
+
+def py2_int(i):
+    return b"K" + bytes([i]) if 0 <= i < 256 else b"M" + struct.pack("<H", i) if 0 <= i < 65536 else b"J" + struct.pack("<i", i)
+
+
+def py2_cifar_batch(x, y):
+    """One CIFAR-10 batch opcode by opcode, the way Python 2's cPickle wrote the real files: every str a
+    byte string, numpy.core.multiarray._reconstruct, numpy.dtype('u1', 0, 1) with its state tuple, the
+    pixels as one str."""
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + py2_int(0) + b"\x85" + py2_string("b")
+             + b"\x87R(" + py2_int(1) + py2_int(x.shape[0]) + py2_int(x.shape[1]) + b"\x86"
+             + b"cnumpy\ndtype\n" + py2_string("u1") + py2_int(0) + py2_int(1) + b"\x87R("
+             + py2_int(3) + py2_string("|") + b"NNN" + py2_int(-1) + py2_int(-1) + py2_int(0) + b"tb"
+             + b"\x89" + py2_string(bytes(x.flatten().tolist())) + b"tb")
+    labels = b"](" + b"".join(py2_int(v) for v in y.tolist()) + b"e"
+    return (b"\x80\x02}(" + py2_string("data") + array + py2_string("labels") + labels
+            + py2_string("batch_label") + py2_string("training batch 1 of 5") + b"u.")
+
+
+def write_cifar(monkeypatch, data_dir, n_train=10, n_test=6, writer="numpy.core"):
+    """A CIFAR-10 python tarball with 5 train batches of n_train images and one test batch; writer:
+    Python 3 pickle with numpy.core or numpy._core names, or "python2" (opcodes as the real file)."""
+    ndarray = fake_numpy(monkeypatch, writer) if writer != "python2" else None
     g = torch.Generator().manual_seed(0)
     batches = {}
     for name, n in [(f"data_batch_{i}", n_train) for i in range(1, 6)] + [("test_batch", n_test)]:
@@ -61,7 +89,10 @@ def write_cifar(monkeypatch, data_dir, n_train=10, n_test=6):
     os.makedirs(data_dir, exist_ok=True)
     with tarfile.open(path, "w:gz") as tar:
         for name, (x, y) in batches.items():
-            blob = pickle.dumps({b"data": ndarray(x), b"labels": y.tolist()}, protocol=2)
+            if writer == "python2":
+                blob = py2_cifar_batch(x, y)
+            else:
+                blob = pickle.dumps({b"data": ndarray(x), b"labels": y.tolist()}, protocol=2)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
@@ -86,14 +117,24 @@ def write_fashion_mnist(data_dir, n_train=40, n_test=12):
     return arrays
 
 
-def test_cifar_loader_reads_exactly(tmp_path, monkeypatch):
-    path, batches = write_cifar(monkeypatch, str(tmp_path))
+@pytest.mark.parametrize("writer", ["python2", "numpy.core", "numpy._core"])
+def test_cifar_loader_reads_exactly(tmp_path, monkeypatch, writer):
+    path, batches = write_cifar(monkeypatch, str(tmp_path), writer=writer)
     x_train, y_train, x_test, y_test = ts.load_cifar10(str(tmp_path), md5=ts.md5sum(path))
     expected = torch.cat([batches[f"data_batch_{i}"][0] for i in range(1, 6)]).view(-1, 3, 1024)
     assert torch.equal(x_train, expected) and x_train.dtype == torch.uint8
     assert torch.equal(y_train, torch.cat([batches[f"data_batch_{i}"][1] for i in range(1, 6)]))
     assert torch.equal(x_test, batches["test_batch"][0].view(-1, 3, 1024))
     assert torch.equal(y_test, batches["test_batch"][1])
+
+
+def test_python2_fixture_is_what_numpy_reads():
+    """The hand-assembled Python 2 batch loads with the real numpy exactly as intended (skipped without numpy)."""
+    np = pytest.importorskip("numpy")
+    x, y = torch.randint(0, 256, (3, 3072), dtype=torch.uint8), torch.tensor([1, 9, 0])
+    batch = pickle.loads(py2_cifar_batch(x, y), encoding="bytes")
+    assert batch[b"data"].dtype == np.uint8 and batch[b"data"].shape == (3, 3072)
+    assert batch[b"data"].tolist() == x.tolist() and batch[b"labels"] == [1, 9, 0]
 
 
 def test_cifar_bad_md5_and_truncated_archive(tmp_path, monkeypatch):
@@ -137,13 +178,12 @@ def test_fashion_mnist_loader_reads_exactly_and_checks_headers(tmp_path):
 def test_noise_padded_batch():
     x = torch.randint(0, 256, (4, 3, 1024), dtype=torch.uint8)
     mean, std = (torch.tensor(v)[:, None] for v in ts.NORMALIZATION["cifar10"])
-    out = ts.make_batch(x, mean, std, noise=True)
+    noise = torch.rand(x.shape)
+    out = ts.make_batch(x, mean, std, noise)
     assert out.shape == (4, 3, 2048) and out.dtype == torch.float32
     torch.testing.assert_close(out[..., :1024] * std + mean, x.float() / 255)
-    noise = out[..., 1024:]
-    assert noise.min() >= 0 and noise.max() < 1 and abs(noise.mean().item() - 0.5) < 0.01
-    assert not torch.equal(noise, ts.make_batch(x, mean, std, noise=True)[..., 1024:])  # fresh each time
-    assert ts.make_batch(x, mean, std, noise=False).shape == (4, 3, 1024)
+    assert torch.equal(out[..., 1024:], noise)
+    assert ts.make_batch(x, mean, std).shape == (4, 3, 1024)
 
 
 def small_args(tmp_path, *extra):
@@ -158,13 +198,16 @@ def test_training_run_writes_every_file(tmp_path):
     assert state["global_step"] == 3
     run = tmp_path / "run"
     assert (run / "config.json").exists() and (run / "last.pt").exists()
-    state = ts.main(small_args(tmp_path, "--model", "s4d"))  # 2 full epochs of 4 steps
+    config = json.load(open(run / "config.json"))
+    assert config["code"] != "" and config["torch"] == torch.__version__ and config["device_name"] == "cpu"
+    state = ts.main(small_args(tmp_path, "--model", "s4d", "--out", str(run)) + ["--out", str(tmp_path / "run2")])
+    run = tmp_path / "run2"  # 2 full epochs of 4 steps
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["epoch"] for r in rows] == [1, 2]
     for key in ("train_loss", "train_acc", "val_acc", "test_acc", "lr", "seconds"):
         assert all(torch.isfinite(torch.tensor(float(r[key]))) for r in rows)
     ckpt = torch.load(run / "best.pt", weights_only=False)
-    assert {"model", "optimizer", "scheduler", "rng_cpu", "perm_gen", "config", "state"} <= set(ckpt)
+    assert {"model", "optimizer", "rng_cpu", "rng_cuda", "perm_gen", "config", "state"} <= set(ckpt)
     assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
 
 
@@ -182,12 +225,14 @@ def test_resume_matches_uninterrupted_run(tmp_path, model):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     write_fashion_mnist(str(tmp_path / "data"))
-    ts.main(small_args(tmp_path, "--epochs", "1"))
+    ts.main(small_args(tmp_path, "--max-steps", "4"))
     good = (tmp_path / "run" / "last.pt").read_bytes()
+    make_batch = ts.make_batch
+    monkeypatch.setattr(ts, "make_batch", lambda *a: make_batch(*a) * float("nan"))
     with pytest.raises(SystemExit, match="non-finite loss"):
-        ts.main(small_args(tmp_path, "--epochs", "1", "--lr", "1e30"))
+        ts.main(small_args(tmp_path, "--resume"))
     assert (tmp_path / "run" / "last.pt").read_bytes() == good
 
 
@@ -211,3 +256,129 @@ def test_ctrl_c_saves_and_resume_continues(tmp_path, monkeypatch):
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def refused(capsys, argv, *fragments):
+    """main(argv) ends with exit status 2 and one 'error:' line containing every fragment."""
+    with pytest.raises(SystemExit) as e:
+        ts.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "error:" in err and all(f in err for f in fragments), err
+
+
+@pytest.mark.parametrize("flag, value", [("--max-steps", "0"), ("--epochs", "0"), ("--val-size", "-5"),
+                                         ("--batch-size", "0"), ("--lr", "0"), ("--d-model", "-1"), ("--dropout", "1")])
+def test_bad_flags_are_argparse_errors(tmp_path, capsys, flag, value):
+    refused(capsys, small_args(tmp_path, flag, value), flag, value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_misuse_writes_nothing(tmp_path, capsys):
+    write_fashion_mnist(str(tmp_path / "data"))
+    refused(capsys, small_args(tmp_path, "--val-size", "40"), "--val-size 40", "40 training samples")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="is not a directory"):
+        ts.main(small_args(tmp_path, "--data-dir", str(tmp_path / "file")))
+    refused(capsys, small_args(tmp_path, "--dt-min", "0.5", "--dt-max", "0.1"), "--dt-min")
+    if not torch.cuda.is_available():
+        refused(capsys, small_args(tmp_path, "--device", "cuda"), "no CUDA device")
+    assert not (tmp_path / "run").exists()
+    ts.main(small_args(tmp_path, "--max-steps", "1"))
+    refused(capsys, small_args(tmp_path), "holds an earlier run", "--resume")
+
+
+def test_explicit_data_dir_never_falls_back(tmp_path, monkeypatch):
+    write_fashion_mnist(str(tmp_path / "debian"))
+    monkeypatch.setattr(ts, "FMNIST_DEBIAN_DIR", str(tmp_path / "debian"))
+    monkeypatch.setattr(ts.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(ts.urllib.error.URLError("offline")))
+    with pytest.raises(SystemExit, match="apt-get install dataset-fashion-mnist"):
+        ts.main(small_args(tmp_path, "--data-dir", str(tmp_path / "empty")))
+    assert not (tmp_path / "run").exists() and not os.listdir(tmp_path / "empty")
+    monkeypatch.chdir(tmp_path)  # without --data-dir: ./data is missing, Debian's folder is used
+    args = [a for a in small_args(tmp_path, "--max-steps", "1") if a not in ("--data-dir", str(tmp_path / "data"))]
+    assert ts.main(args)["global_step"] == 1
+
+
+def test_resume_rules(tmp_path, capsys):
+    """A moved run folder resumes; contradicting flags are refused; --epochs extends the cosine."""
+    write_fashion_mnist(str(tmp_path / "data"))
+    ts.main(small_args(tmp_path, "--max-steps", "5", "--out", str(tmp_path / "a")))
+    os.rename(tmp_path / "a", tmp_path / "moved")
+    refused(capsys, small_args(tmp_path, "--out", str(tmp_path / "moved"), "--resume", "--lr", "0.5", "--d-model", "16"),
+            "--d-model 16", "--lr 0.5")
+    state = ts.main(small_args(tmp_path, "--out", str(tmp_path / "moved"), "--resume", "--epochs", "3"))
+    assert state["epoch"] == 3 and state["global_step"] == 12
+    lrs = [r["lr"] for r in state["history"]]
+    s = state["schedule"]  # a new cosine from step 5 (lr factor f5 of the 8-step cosine) to step 12
+    f5 = 0.5 * (1 + math.cos(math.pi * 5 / 8))
+    assert s == {"start": 5, "end": 12, "factor": pytest.approx(f5)}
+    assert lrs[1] == pytest.approx(0.01 * f5 * 0.5 * (1 + math.cos(math.pi * 2 / 7)))  # step 7 of the run
+    assert lrs[0] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 3 / 8)))  # step 3, the first cosine
+
+
+def test_evaluation_noise_is_fixed_and_independent_of_batch_size(tmp_path):
+    write_fashion_mnist(str(tmp_path / "data"))
+    parser, args, _ = ts.parse_args(small_args(tmp_path))
+    args.data_dir_explicit = True
+    data, mean, std = ts.load_data(parser, args, torch.device("cpu"))
+    model = ts.build_model(args, 1, 784)
+    off = torch.autocast("cpu", enabled=False)
+    first = ts.evaluate(model, *data["test"], mean, std, args, off)
+    args.eval_batch_size = 5
+    again = ts.evaluate(model, *data["test"], mean, std, args, off)
+    assert first[1] == again[1] and first[0] == pytest.approx(again[0], rel=1e-6)
+    data2, _, _ = ts.load_data(parser, args, torch.device("cpu"))
+    assert torch.equal(data["val"][2], data2["val"][2]) and not torch.equal(data["val"][2], data["test"][2][:8])
+
+
+class Zero(torch.nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("pool_from", [0, 5])
+def test_classifier_pools_over_the_noise_positions_only(pool_from):
+    """With layers that add nothing, the model is position-wise until the pooling: inputs before
+    pool_from must not matter, inputs after it must."""
+    model = ts.SequenceClassifier(Zero, 1, 10, 8, 2, 0.0, pool_from).eval()
+    x = torch.randn(2, 1, 10)
+    y = x.clone()
+    y[..., :pool_from] += 1
+    assert torch.equal(model(x), model(y))
+    y[..., pool_from:] += 1
+    assert not torch.allclose(model(x), model(y))
+
+
+def test_optimizer_follows_the_hints(tmp_path):
+    _, args, _ = ts.parse_args(small_args(tmp_path, "--lr", "0.02", "--lr-h", "0.003", "--lr-dt", "0.004"))
+    groups = {tuple(sorted(set(n.split(".")[-1] for n in g["names"]))): g
+              for g in ts.make_optimizer(ts.build_model(args, 1, 16), args, torch.device("cpu")).param_groups}
+    assert (groups[("h",)]["lr"], groups[("h",)]["weight_decay"]) == (0.003, 0.01)
+    assert (groups[("log_dt",)]["lr"], groups[("log_dt",)]["weight_decay"]) == (0.004, 0.0)
+    assert all(g["lr"] == 0.02 and g["weight_decay"] == 0.01 for k, g in groups.items() if k not in (("h",), ("log_dt",)))
+    _, args, _ = ts.parse_args(small_args(tmp_path, "--model", "s4d", "--lr-ssm", "0.005"))
+    groups = ts.make_optimizer(ts.build_model(args, 1, 16), args, torch.device("cpu")).param_groups
+    assert any(g["lr"] == 0.005 and g["weight_decay"] == 0.0 and "w" in {n.split(".")[-1] for n in g["names"]} for g in groups)
+
+
+def test_help_prints_no_warning_without_numpy():
+    code = ("import sys, runpy; sys.modules['numpy'] = None; sys.argv = ['train_scifar.py', '--help']; "
+            "runpy.run_path('train_scifar.py', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(ts.__file__))
+    assert out.returncode == 0 and out.stderr == "" and "default:" in out.stdout
+    assert out.stdout.count("(default:") >= 25  # every option shows its default
+
+
+@pytest.mark.parametrize("flags", [["--amp", "bf16", "--circular"], ["--no-noise", "--model", "s4d"], ["--compile"]])
+def test_end_to_end_flags(tmp_path, flags):
+    write_fashion_mnist(str(tmp_path / "data"))
+    state = ts.main(small_args(tmp_path, "--epochs", "1", *flags))
+    assert state["epoch"] == 1 and math.isfinite(state["history"][0]["train_loss"])
+
+
+def test_end_to_end_grayscale_cifar(tmp_path, monkeypatch):
+    path, _ = write_cifar(monkeypatch, str(tmp_path / "data"), n_train=4, writer="python2")
+    monkeypatch.setattr(ts.load_cifar10, "__defaults__", (ts.md5sum(path),))
+    args = [a if a != "fashion-mnist" else "cifar10" for a in small_args(tmp_path, "--grayscale", "--epochs", "1")]
+    state = ts.main(args)
+    assert state["epoch"] == 1 and json.load(open(tmp_path / "run" / "config.json"))["grayscale"]

@@ -20,18 +20,21 @@ import os
 import pickle
 import signal
 import struct
+import subprocess
 import tarfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 import zlib
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+warnings.filterwarnings("ignore", "Failed to initialize NumPy")  # torch's warning at import when numpy (optional) is absent
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from hope import HOPE
-from s4d import S4D
+from hope import HOPE  # noqa: E402
+from s4d import S4D  # noqa: E402
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -65,8 +68,10 @@ def md5sum(path):
 
 def download(url, path, md5):
     """Fetch url to path via path + '.part', renamed only after the MD5 matches."""
-    part = path + ".part"
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    part, folder = path + ".part", os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        print(f"creating {folder}/ for the download")
+        os.makedirs(folder)
     try:
         with urllib.request.urlopen(url, timeout=30) as r, open(part, "wb") as f:
             total, done = int(r.headers.get("Content-Length") or 0), 0
@@ -98,8 +103,8 @@ class _NumpyArray:
 
 
 class _NumpyDtype:
-    def __init__(self, code, *flags):
-        self.code = code
+    def __init__(self, code, *flags):  # Python 2 pickles (the real CIFAR-10 files) give the code as bytes
+        self.code = code.decode("latin-1") if isinstance(code, bytes) else code
 
     def __setstate__(self, state):
         pass
@@ -165,13 +170,17 @@ def read_idx(path, ndim):
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).view(dims)
 
 
-def load_fashion_mnist(data_dir):
-    """Fashion-MNIST from data_dir, else Debian's package folder, else downloaded to data_dir."""
+def load_fashion_mnist(data_dir, search_debian=True):
+    """Fashion-MNIST from data_dir, else (search_debian) Debian's package folder, else downloaded to data_dir."""
     paths = {}
     for name, md5 in FMNIST_FILES.items():
         local, debian = os.path.join(data_dir, name), os.path.join(FMNIST_DEBIAN_DIR, name)
-        if not os.path.exists(local) and not os.path.exists(debian):
-            download(FMNIST_URL + name, local, md5)
+        if not os.path.exists(local) and not (search_debian and os.path.exists(debian)):
+            try:
+                download(FMNIST_URL + name, local, md5)
+            except DataError as e:
+                raise DataError(f"{e}; or, on Debian/Ubuntu, `apt-get install dataset-fashion-mnist` "
+                                f"puts the files in {FMNIST_DEBIAN_DIR}") from None
         paths[name] = local if os.path.exists(local) else debian
     out = []
     for prefix in ("train", "t10k"):
@@ -184,33 +193,10 @@ def load_fashion_mnist(data_dir):
     return out
 
 
-def load_data(args, device):
-    """Train/val/test uint8 sequences (N, C, L) and labels, on the device, with the normalization."""
-    if args.dataset == "cifar10":
-        x_train, y_train, x_test, y_test = load_cifar10(args.data_dir)
-        if args.grayscale:  # ITU-R 601 luma, as PIL's convert("L")
-            luma = torch.tensor([0.299, 0.587, 0.114])[:, None]
-            x_train, x_test = [(x.float() * luma).sum(1, keepdim=True).round().to(torch.uint8) for x in (x_train, x_test)]
-        norm = NORMALIZATION["cifar10-gray" if args.grayscale else "cifar10"]
-    else:
-        x_train, y_train, x_test, y_test = load_fashion_mnist(args.data_dir)
-        norm = NORMALIZATION["fashion-mnist"]
-    if not 0 < args.val_size < len(x_train):
-        raise ValueError(f"--val-size must be in (0, {len(x_train)}), got {args.val_size}")
-    perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(42))  # the fixed split
-    val, train = perm[:args.val_size], perm[args.val_size:]
-    data = {"train": (x_train[train], y_train[train]), "val": (x_train[val], y_train[val]), "test": (x_test, y_test)}
-    data = {k: (x.to(device), y.to(device)) for k, (x, y) in data.items()}
-    mean, std = (torch.tensor(v, device=device)[:, None] for v in norm)  # (C, 1)
-    return data, mean, std
-
-
-def make_batch(x, mean, std, noise, generator=None):
-    """uint8 (B, C, L0) -> normalized float (B, C, L0), then L0 steps of U[0, 1) noise if noise."""
+def make_batch(x, mean, std, noise=None):
+    """uint8 (B, C, L0) -> normalized float (B, C, L0), followed by the noise (B, C, L0) if given."""
     x = (x.float() / 255 - mean) / std
-    if not noise:
-        return x
-    return torch.cat([x, torch.rand(x.shape, device=x.device, generator=generator)], -1)  # (B, C, 2 L0)
+    return x if noise is None else torch.cat([x, noise], -1)  # (B, C, 2 L0)
 
 
 # --------------------------------------------------------------------------------------- model
@@ -261,6 +247,7 @@ def make_optimizer(model, args, device):
     opt = torch.optim.AdamW(list(groups.values()), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
     for g in opt.param_groups:
+        g["base_lr"] = g["lr"]  # the schedule scales it
         print(f"optimizer group: lr {g['lr']:g}, weight_decay {g['weight_decay']:g}, "
               f"{sum(p.numel() for p in g['params']):,} params: {', '.join(sorted(set(n.split('.')[-1] for n in g['names'])))}")
     return opt
@@ -277,117 +264,263 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
+def lr_factor(step, schedule):
+    """Cosine from schedule["factor"] at step schedule["start"] down to 0 at schedule["end"]."""
+    start, end = schedule["start"], schedule["end"]
+    return schedule["factor"] * 0.5 * (1 + math.cos(math.pi * min(step - start, end - start) / max(end - start, 1)))
+
+
 @torch.no_grad()
-def evaluate(model, x_all, y_all, batch, args, autocast):
-    """Loss and accuracy; the noise comes from a fixed seed, so every evaluation sees the same noise."""
+def evaluate(model, x_all, y_all, noise_all, mean, std, args, autocast):
+    """Loss and accuracy; the noise was drawn once per split, so every evaluation sees the same numbers."""
     model.eval()
-    gen = torch.Generator(device=x_all.device).manual_seed(args.seed + 1)
     loss, correct = 0.0, 0
     for i in range(0, len(x_all), args.eval_batch_size):
-        x, y = batch(x_all[i:i + args.eval_batch_size], gen), y_all[i:i + args.eval_batch_size]
+        x, y = x_all[i:i + args.eval_batch_size], y_all[i:i + args.eval_batch_size]
+        noise = None if noise_all is None else noise_all[i:i + args.eval_batch_size].to(x.device)
         with autocast:
-            logits = model(x)
+            logits = model(make_batch(x, mean, std, noise))
         loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
     model.train()
     return loss / len(x_all), correct / len(x_all)
 
 
-def parse_args(argv=None):
+def _typed(kind, low, high=math.inf, low_ok=False):
+    def parse(text):
+        value = kind(text)
+        if not ((low <= value) if low_ok else (low < value)) or not value < high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {'>=' if low_ok else '>'} {low}"
+                                             + (f" and < {high}" if high < math.inf else ""))
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+positive_int, positive, non_negative = _typed(int, 0), _typed(float, 0.0), _typed(float, 0.0, low_ok=True)
+CHANGEABLE_ON_RESUME = {"epochs", "device", "amp", "compile", "data_dir", "max_steps", "resume", "out"}
+
+
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", choices=["hope", "s4d"], default="hope")
-    p.add_argument("--dataset", choices=["cifar10", "fashion-mnist"], default="cifar10")
-    p.add_argument("--no-noise", action="store_true", help="plain sequential task, no noise padding")
+    p.add_argument("--model", choices=["hope", "s4d"], default="hope", help="the SSM layer")
+    p.add_argument("--dataset", choices=["cifar10", "fashion-mnist"], default="cifar10", help="the images")
+    p.add_argument("--no-noise", action="store_true", help="plain sequential task, no noise padding (pool over all positions)")
     p.add_argument("--grayscale", action="store_true", help="CIFAR-10 as 1024 x 1 (the LRA Image task)")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--eval-batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--d-state", type=int, default=64, help="HOPE: n (n-by-n Hankel matrix); S4D: N")
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--dt-min", type=float, default=0.1)
-    p.add_argument("--dt-max", type=float, default=0.1)
-    p.add_argument("--lr-dt", type=float, default=0.0, help="learning rate of dt; 0 keeps dt fixed")
-    p.add_argument("--lr-h", type=float, default=None, help="HOPE: learning rate of h (default: --lr, as in the paper; the authors' code uses 0.001)")
-    p.add_argument("--lr-ssm", type=float, default=0.001, help="S4D: learning rate of A")
+    p.add_argument("--epochs", type=positive_int, default=100, help="length of the cosine schedule; on --resume, a "
+                   "larger value extends the run: the cosine restarts from the current learning rate and reaches 0 at the new end")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="training batch")
+    p.add_argument("--eval-batch-size", type=positive_int, default=256, help="evaluation batch (does not change the numbers)")
+    p.add_argument("--lr", type=positive, default=0.01, help="AdamW learning rate of every parameter without its own")
+    p.add_argument("--weight-decay", type=non_negative, default=0.01, help="AdamW weight decay, h included; A and dt take none")
+    p.add_argument("--d-model", type=positive_int, default=128, help="H, channels")
+    p.add_argument("--n-layers", type=positive_int, default=4, help="residual SSM blocks")
+    p.add_argument("--d-state", type=positive_int, default=64, help="HOPE: n (n-by-n Hankel matrix); S4D: N")
+    p.add_argument("--dropout", type=_typed(float, 0.0, 1.0, low_ok=True), default=0.1, help="dropout rate")
+    p.add_argument("--dt-min", type=positive, default=0.1, help="dt is log-uniform in [dt-min, dt-max] per channel")
+    p.add_argument("--dt-max", type=positive, default=0.1, help="see --dt-min (the paper fixes dt = 0.1)")
+    p.add_argument("--lr-dt", type=non_negative, default=0.0, help="learning rate of dt; 0 keeps dt fixed")
+    p.add_argument("--lr-h", type=positive, default=None, help="HOPE: learning rate of h (default: --lr, as in the "
+                   "paper; the authors' code uses 0.001); h's weight decay stays --weight-decay")
+    p.add_argument("--lr-ssm", type=non_negative, default=0.001, help="S4D: learning rate of A (0 keeps A fixed)")
     p.add_argument("--circular", action="store_true", help="HOPE: the paper's circular convolution instead of causal")
-    p.add_argument("--s4d-init", choices=["lin", "inv", "legs"], default="lin")
-    p.add_argument("--s4d-real", choices=["exp", "softplus", "direct", "stable"], default="exp")
-    p.add_argument("--val-size", type=int, default=5000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto", help="bf16 autocast for the dense parts (auto: on for CUDA); FFTs stay float32")
+    p.add_argument("--s4d-init", choices=["lin", "inv", "legs"], default="lin", help="S4D: initialization of A")
+    p.add_argument("--s4d-real", choices=["exp", "softplus", "direct", "stable"], default="exp", help="S4D: Re(A) = f(w)")
+    p.add_argument("--val-size", type=positive_int, default=5000, help="validation samples taken from the training set")
+    p.add_argument("--seed", type=int, default=0, help="model init, batch order, training noise; evaluation noise uses seed + 1")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto", help="bf16 autocast for the dense "
+                   "parts (auto: on where CUDA supports bf16); FFTs and kernels stay float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (complex FFT parts stay eager)")
-    p.add_argument("--data-dir", default="./data")
-    p.add_argument("--out", default=None, help="run folder (default runs/<model>-<dataset>-s<seed>)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total (smoke runs)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
-    args = p.parse_args(argv)
+    p.add_argument("--data-dir", default="./data", help="where the dataset is or is downloaded to (Fashion-MNIST: "
+                   "without this flag, Debian's dataset-fashion-mnist folder is also searched)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<model>-<dataset>-s<seed>)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop (and save) after this many optimizer steps in total")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    return p
+
+
+def parse_args(argv=None):
+    """The options, and the set of those given on the command line (not defaulted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.out is None:
         tags = [args.model, args.dataset] + ["nonoise"] * args.no_noise + ["gray"] * args.grayscale
         args.out = os.path.join("runs", "-".join(tags) + f"-s{args.seed}")
-    return args
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return parser, args, set(vars(parser.parse_args(argv)))
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    os.makedirs(args.out, exist_ok=True)
-    last_path = os.path.join(args.out, "last.pt")
-    ckpt = None
-    if args.resume:
-        if not os.path.exists(last_path):
-            raise SystemExit(f"--resume: no checkpoint at {last_path}")
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
-        resumed = {k: v for k, v in ckpt["config"].items() if k not in ("resume", "max_steps", "device")}
-        vars(args).update(resumed)  # the run continues with its own configuration
-    print(json.dumps(vars(args), indent=1))
-    atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
-    torch.manual_seed(args.seed)
-    use_bf16 = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
+def code_version():
+    """The git commit of this file's checkout, '+dirty' if a tracked .py file has changed, else 'unknown'."""
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        data, mean, std = load_data(args, device)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
-    x_train, y_train = data["train"]
-    C, L0 = x_train.shape[1:]
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "*.py"], cwd=here, capture_output=True).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def resolve(parser, args, given):
+    """Checks every flag; on --resume, the run folder's config with the flags that may change. -> (config, ckpt)."""
+    if args.dt_min > args.dt_max:
+        parser.error(f"--dt-min {args.dt_min} is larger than --dt-max {args.dt_max}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        parser.error(f"--device {args.device}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this PyTorch build has no CUDA device (torch {torch.__version__}); use --device cpu")
+    checkpoints = [os.path.join(args.out, f) for f in ("last.pt", "best.pt") if os.path.exists(os.path.join(args.out, f))]
+    if not args.resume:
+        if checkpoints:
+            parser.error(f"{checkpoints[0]} holds an earlier run: continue it with --resume, or choose another --out")
+        return dict(vars(args), data_dir_explicit="data_dir" in given), None
+    last = os.path.join(args.out, "last.pt")
+    if not os.path.exists(last):
+        parser.error(f"--resume: no checkpoint at {last}")
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    saved = ckpt["config"]
+    conflicts = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {saved.get(k)})"
+                 for k in sorted(given - CHANGEABLE_ON_RESUME) if getattr(args, k) != saved.get(k)]
+    if conflicts:
+        parser.error("--resume continues the run in --out with its own settings; these flags contradict it: " + ", ".join(conflicts))
+    if "epochs" in given and args.epochs < saved["epochs"]:
+        parser.error(f"--epochs {args.epochs}: the run was planned for {saved['epochs']}; --resume can only extend it")
+    config = dict(saved, out=args.out, resume=True, device=args.device, amp=args.amp, compile=args.compile, max_steps=args.max_steps)
+    if "data_dir" in given:
+        config.update(data_dir=args.data_dir, data_dir_explicit=True)
+    config["epochs"] = args.epochs if "epochs" in given else saved["epochs"]
+    return config, ckpt
+
+
+def load_data(parser, args, device):
+    """Train/val/test: uint8 (N, C, L0) and labels on the device; fixed CPU noise for val and test; normalization."""
+    if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        raise DataError(f"--data-dir {args.data_dir} exists but is not a directory")
+    if args.dataset == "cifar10":
+        x_train, y_train, x_test, y_test = load_cifar10(args.data_dir)
+        if args.grayscale:  # ITU-R 601 luma, as PIL's convert("L")
+            luma = torch.tensor([0.299, 0.587, 0.114])[:, None]
+            x_train, x_test = [(x.float() * luma).sum(1, keepdim=True).round().to(torch.uint8) for x in (x_train, x_test)]
+        norm = NORMALIZATION["cifar10-gray" if args.grayscale else "cifar10"]
+    else:
+        x_train, y_train, x_test, y_test = load_fashion_mnist(args.data_dir, search_debian=not args.data_dir_explicit)
+        norm = NORMALIZATION["fashion-mnist"]
+    if args.val_size >= len(x_train):
+        parser.error(f"--val-size {args.val_size} must be below the {len(x_train)} training samples")
+    perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(42))  # the fixed split
+    val, train = perm[:args.val_size], perm[args.val_size:]
+    data, noise_gen = {}, torch.Generator().manual_seed(args.seed + 1)
+    for split, (x, y) in {"train": (x_train[train], y_train[train]), "val": (x_train[val], y_train[val]),
+                          "test": (x_test, y_test)}.items():
+        noise = None if args.no_noise or split == "train" else torch.rand(x.shape, generator=noise_gen)  # (N, C, L0)
+        data[split] = (x.to(device), y.to(device), noise)
+    mean, std = (torch.tensor(v, device=device)[:, None] for v in norm)  # (C, 1)
+    return data, mean, std
+
+
+def setup(args, ckpt, device, n_train, C, L0):
+    """Model, optimizer, batch-order generator and training state: fresh, or exactly as saved."""
+    torch.manual_seed(args.seed)
     model = build_model(args, C, L0).to(device)
     print(f"model: {args.model}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"sequence length {2 * L0 if not args.no_noise else L0} x {C}, {len(x_train):,} training samples")
+          f"sequence length {L0 if args.no_noise else 2 * L0} x {C}, {n_train:,} training samples")
     optimizer = make_optimizer(model, args, device)
-    steps_per_epoch = len(x_train) // args.batch_size
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
-    step_fn = torch.compile(model) if args.compile else model
     perm_gen = torch.Generator().manual_seed(args.seed)
-
-    def batch(x, generator=None):
-        return make_batch(x, mean, std, not args.no_noise, generator)
-
-    # Everything needed to continue a run exactly, mid-epoch included.
-    state = {"epoch": 0, "step": 0, "global_step": 0, "perm": None, "sums": [0.0, 0],
-             "history": [], "best": None}
+    steps_per_epoch = n_train // args.batch_size
+    state = {"epoch": 0, "step": 0, "global_step": 0, "perm": None, "sums": [0.0, 0], "history": [], "best": None,
+             "schedule": {"start": 0, "end": args.epochs * steps_per_epoch, "factor": 1.0}}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
         perm_gen.set_state(ckpt["perm_gen"])
         torch.set_rng_state(ckpt["rng_cpu"])
         if device.type == "cuda" and ckpt["rng_cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"])
+            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
         state = ckpt["state"]
-        print(f"resumed from {last_path} at epoch {state['epoch'] + 1}, step {state['step']}/{steps_per_epoch}")
+        end = args.epochs * steps_per_epoch
+        if end != state["schedule"]["end"]:  # --epochs extended: a new cosine from the current learning rate
+            step = state["global_step"]
+            state["schedule"] = {"start": step, "end": end, "factor": lr_factor(step, state["schedule"])}
+        if ckpt["config"].get("code") != args.code:
+            print(f"warning: this run was made by code {ckpt['config'].get('code')}; resuming with {args.code}")
+        print(f"resumed from {os.path.join(args.out, 'last.pt')} at epoch {state['epoch'] + 1}, step {state['step']}/{steps_per_epoch}")
+    return model, optimizer, perm_gen, state
 
-    def checkpoint():
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "perm_gen": perm_gen.get_state(), "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "state": state, "config": vars(args)}
 
+def save_checkpoint(args, model, optimizer, perm_gen, state, device, best=False):
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "perm_gen": perm_gen.get_state(),
+            "rng_cpu": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "state": state, "config": vars(args)}
+    for name in ("last.pt", "best.pt") if best else ("last.pt",):
+        atomic_write(os.path.join(args.out, name), lambda f: torch.save(ckpt, f))
+
+
+def train_epoch(args, step_fn, optimizer, data, mean, std, perm_gen, state, autocast, should_stop):
+    """Steps until the epoch ends or should_stop(); returns True if the epoch is complete."""
+    x_train, y_train, _ = data["train"]
+    steps_per_epoch = len(x_train) // args.batch_size
+    if state["perm"] is None:
+        state["perm"] = torch.randperm(len(x_train), generator=perm_gen)
+    perm = state["perm"].to(x_train.device)
+    sums = torch.tensor(state["sums"], dtype=torch.float64, device=x_train.device)  # loss sum, correct
+    t0, step0, last_print = time.time(), state["step"], 0.0
+    while state["step"] < steps_per_epoch:
+        idx = perm[state["step"] * args.batch_size:(state["step"] + 1) * args.batch_size]
+        x, y = x_train[idx], y_train[idx]
+        noise = None if args.no_noise else torch.rand(x.shape, device=x.device)
+        with autocast:
+            logits = step_fn(make_batch(x, mean, std, noise))
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        factor = lr_factor(state["global_step"], state["schedule"])
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        optimizer.step()
+        sums += torch.stack([loss.detach() * len(y), (logits.argmax(-1) == y).sum()]).double()
+        state["step"] += 1
+        state["global_step"] += 1
+        done, halt = state["step"] == steps_per_epoch, should_stop()
+        if time.time() - last_print > 1.0 or done or halt:  # the only host syncs of the loop
+            last_print = time.time()
+            state["sums"] = sums.tolist()
+            seen = state["step"] * args.batch_size  # every batch is full
+            if not math.isfinite(state["sums"][0]):
+                raise FloatingPointError(f"non-finite loss at epoch {state['epoch'] + 1}, step {state['step']}; stopping. "
+                                         f"{os.path.join(args.out, 'last.pt')} holds the last good state; try a lower --lr")
+            rate = (state["step"] - step0) * args.batch_size / (time.time() - t0)
+            eta = (steps_per_epoch - state["step"]) * args.batch_size / max(rate, 1e-9)
+            print(f"\repoch {state['epoch'] + 1}/{args.epochs} step {state['step']}/{steps_per_epoch} "
+                  f"loss {state['sums'][0] / seen:.4f} acc {state['sums'][1] / seen:.4f} "
+                  f"{rate:.0f} samples/s ETA {eta:.0f}s   ", end="", flush=True)
+        if halt and not done:
+            return False
+    print()
+    return True
+
+
+def main(argv=None):
+    parser, args, given = parse_args(argv)
+    config, ckpt = resolve(parser, args, given)
+    args = argparse.Namespace(**dict(config, code=code_version(), torch=torch.__version__))
+    device = torch.device(args.device)
+    try:
+        data, mean, std = load_data(parser, args, device)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    args.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(json.dumps(vars(args), indent=1))
+    os.makedirs(args.out, exist_ok=True)
+    atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
+    use_bf16 = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    x_train = data["train"][0]
+    model, optimizer, perm_gen, state = setup(args, ckpt, device, len(x_train), *x_train.shape[1:])
+    step_fn = torch.compile(model) if args.compile else model
     stop = {"requested": False}
 
     def on_sigint(signum, frame):
@@ -401,67 +534,29 @@ def main(argv=None):
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
     try:
         while state["epoch"] < args.epochs:
-            if state["perm"] is None:
-                state["perm"] = torch.randperm(len(x_train), generator=perm_gen)
-            perm = state["perm"].to(device)
-            sums = torch.tensor(state["sums"], dtype=torch.float64, device=device)  # loss sum, correct
-            t0, step0, last_print = time.time(), state["step"], 0.0
-            model.train()
-            while state["step"] < steps_per_epoch:
-                idx = perm[state["step"] * args.batch_size:(state["step"] + 1) * args.batch_size]
-                x, y = batch(x_train[idx]), y_train[idx]
-                with autocast:
-                    logits = step_fn(x)
-                loss = F.cross_entropy(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                sums += torch.stack([loss.detach() * len(y), (logits.argmax(-1) == y).sum()]).double()
-                state["step"] += 1
-                state["global_step"] += 1
-                done = state["step"] == steps_per_epoch
-                halt = should_stop()
-                if time.time() - last_print > 1.0 or done or halt:  # the only host syncs of the loop
-                    last_print = time.time()
-                    state["sums"] = sums.tolist()
-                    seen = state["step"] * args.batch_size  # every batch is full
-                    if not math.isfinite(state["sums"][0]):
-                        raise FloatingPointError(
-                            f"non-finite loss at epoch {state['epoch'] + 1}, step {state['step']}; "
-                            f"stopping. {last_path} holds the last good state; try a lower --lr")
-                    rate = (state["step"] - step0) * args.batch_size / (time.time() - t0)
-                    eta = (steps_per_epoch - state["step"]) * args.batch_size / max(rate, 1e-9)
-                    print(f"\repoch {state['epoch'] + 1}/{args.epochs} step {state['step']}/{steps_per_epoch} "
-                          f"loss {state['sums'][0] / seen:.4f} acc {state['sums'][1] / seen:.4f} "
-                          f"{rate:.0f} samples/s ETA {eta:.0f}s   ", end="", flush=True)
-                if halt and not done:
-                    atomic_write(last_path, lambda f: torch.save(checkpoint(), f))
-                    print(f"\nstopped at step {state['global_step']}; saved {last_path} (continue with --resume)")
-                    return state
-            print()
-            val_loss, val_acc = evaluate(model, *data["val"], batch, args, autocast)
-            test_loss, test_acc = evaluate(model, *data["test"], batch, args, autocast)
-            (loss_sum, correct), count = state["sums"], steps_per_epoch * args.batch_size
+            t0 = time.time()
+            if not train_epoch(args, step_fn, optimizer, data, mean, std, perm_gen, state, autocast, should_stop):
+                save_checkpoint(args, model, optimizer, perm_gen, state, device)
+                print(f"\nstopped at step {state['global_step']}; saved {args.out}/last.pt (continue with --resume)")
+                return state
+            val_loss, val_acc = evaluate(model, *data["val"], mean, std, args, autocast)
+            test_loss, test_acc = evaluate(model, *data["test"], mean, std, args, autocast)
+            (loss_sum, correct), count = state["sums"], len(x_train) // args.batch_size * args.batch_size
             row = {"epoch": state["epoch"] + 1, "train_loss": loss_sum / count, "train_acc": correct / count,
                    "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
                    "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0}
             state["history"].append(row)
             is_best = state["best"] is None or val_acc > state["best"]["val_acc"]
-            if is_best:
-                state["best"] = row
+            state["best"] = row if is_best else state["best"]
             state.update(epoch=state["epoch"] + 1, step=0, perm=None, sums=[0.0, 0])
-            ckpt_now = checkpoint()
-            atomic_write(last_path, lambda f: torch.save(ckpt_now, f))
-            if is_best:
-                atomic_write(os.path.join(args.out, "best.pt"), lambda f: torch.save(ckpt_now, f))
+            save_checkpoint(args, model, optimizer, perm_gen, state, device, best=is_best)
             metrics = "".join(json.dumps(r) + "\n" for r in state["history"])
             atomic_write(os.path.join(args.out, "metrics.jsonl"), lambda f: f.write(metrics.encode()))
             print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
                   f"val loss {val_loss:.4f} acc {val_acc:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f} | "
                   f"lr {row['lr']:.2e} | {row['seconds']:.1f}s")
             if should_stop():
-                print(f"stopped after epoch {row['epoch']}; saved {last_path} (continue with --resume)")
+                print(f"stopped after epoch {row['epoch']}; saved {args.out}/last.pt (continue with --resume)")
                 return state
     except FloatingPointError as e:
         raise SystemExit(f"\nerror: {e}")
