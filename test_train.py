@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import signal
 import struct
 import tarfile
@@ -369,7 +370,9 @@ def test_help_prints_no_warning_without_numpy():
     assert out.stdout.count("(default:") >= 25  # every option shows its default
 
 
-@pytest.mark.parametrize("flags", [["--amp", "bf16", "--circular"], ["--no-noise", "--model", "s4d"], ["--compile"]])
+@pytest.mark.parametrize("flags", [["--amp", "bf16", "--circular"], ["--no-noise", "--model", "s4d"], pytest.param(
+    ["--compile"], marks=pytest.mark.skipif(not any(map(shutil.which, ("g++", "clang++", "c++"))),
+                                            reason="torch.compile's CPU backend needs a C++ compiler"))])
 def test_end_to_end_flags(tmp_path, flags):
     write_fashion_mnist(str(tmp_path / "data"))
     state = ts.main(small_args(tmp_path, "--epochs", "1", *flags))
