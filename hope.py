@@ -57,7 +57,8 @@ The exact causal kernel
     length 2n; no (L, n) or (n, n) tensor is ever built.
 
 Precision
-    float64 agrees with the step-by-step recurrence to ~1e-13, float32 to ~3e-5 (tested). Keep
+    Against the step-by-step recurrence (test_hope.py, dt from 1e-4 to 10, L from 1 to 1024) the
+    kernel's relative error is at most 1.2e-13 in float64 and 2.6e-5 in float32 (measured). Keep
     TF32 matmuls off (PyTorch's default): _poly's one complex matmul would then run in TF32, and
     the kernel's error grows to ~3e-4 (measured on an H100). Autocast leaves the kernel in float32.
 
