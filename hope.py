@@ -56,19 +56,16 @@ The exact causal kernel
     the sign of q alternating between even and odd nodes. Q costs about 2 log2(L) FFT products of
     length 2n; no (L, n) or (n, n) tensor is ever built.
 
-Precision
-    Against the step-by-step recurrence (test_hope.py, dt from 1e-4 to 10, L from 1 to 1024) the
-    kernel's relative error is at most 1.2e-13 in float64 and 2.6e-5 in float32 (measured). Keep
-    TF32 matmuls off (PyTorch's default): _poly's one complex matmul would then run in TF32, and
-    the kernel's error grows to ~3e-4 (measured on an H100). Autocast leaves the kernel in float32.
-
-Exact, all of it
+Exact, all of it (against the step-by-step recurrence, dt from 1e-4 to 10: relative error at
+most 1.2e-13 in float64 and 2.6e-5 in float32, measured; TF32 matmuls, off by PyTorch's default,
+would raise it to ~3e-4 through _poly's complex matmul, measured on an H100)
     algorithm1             the paper's circular convolution of length L, written literally.
     circular=True in HOPE  exactly algorithm1, computed with rfft (faster, same numbers).
     hope_kernel            exactly the first L samples of the impulse response, every dt > 0.
     causal mode            exact causal (Toeplitz) convolution with hope_kernel(h, dt, L), applied
                            through its spectrum hope_kernel_spectrum (no round trip to time).
     step                   the same causal system one step at a time; equals the causal mode.
+    Autocast leaves the kernel and the FFTs in float32.
 """
 import math
 
@@ -129,17 +126,6 @@ def _warped_angle(dt, nfft):
     return -theta - 2 * torch.atan2(a * torch.sin(theta), 2 * dt / (1 + dt) + 2 * a * torch.sin(theta / 2) ** 2)
 
 
-def _blocks(m):
-    """Block size c = ceil(sqrt(m)) and block count J = ceil(m / c), with c J >= m."""
-    c = math.isqrt(m - 1) + 1
-    return c, -(-m // c)
-
-
-def _cis(angle):
-    """exp(i angle); cos and sin are vectorized on CPU, torch.polar is 4x slower."""
-    return torch.complex(torch.cos(angle), torch.sin(angle))
-
-
 def _powers(x, count):
     """x^0, ..., x^(count-1) stacked along a new first dim, (count, *x.shape), by doubling.
 
@@ -158,9 +144,14 @@ def _powers(x, count):
 
 
 def _basis(phi, m):
-    """For a polynomial of m coefficients in b = exp(i phi): c ~ sqrt(m), J, b^0..b^(c-1) (c, H, nodes), beta = b^c."""
-    c, J = _blocks(m)
-    b = _cis(phi)
+    """For a polynomial of m coefficients in b = exp(i phi): c ~ sqrt(m), J, b^0..b^(c-1) (c, H, nodes), beta = b^c.
+
+    Block size c = ceil(sqrt(m)) and block count J = ceil(m / c), so c J >= m. b from cos and sin:
+    they are vectorized on CPU, torch.polar is 4x slower there.
+    """
+    c = math.isqrt(m - 1) + 1
+    J = -(-m // c)
+    b = torch.complex(torch.cos(phi), torch.sin(phi))
     powers = _powers(b, c)
     return c, J, powers, powers[-1] * b
 
@@ -257,8 +248,7 @@ class _TailSeriesFn(torch.autograd.Function):
         f = torch.cat([a, 4 * dt / (1 + dt) ** 2 * r[:, :-1]], 1)  # (H, n)
         pair, e = torch.stack([r, f]), max(L - 2, 0)  # (2, H, n): f^(N-1) r so far, f^(2^i)
         while e:
-            X = torch.fft.rfft(pair, 2 * n)  # (2, H, n + 1)
-            products = torch.fft.irfft(X * X[1], 2 * n)[..., :n]  # (2, H, n): times f^(2^i), f^(2^(i+1))
+            products = _series_mul(pair, pair[1])  # (2, H, n): times f^(2^i), f^(2^(i+1))
             pair = products if e & 1 else torch.stack([pair[0], products[1]])
             e >>= 1
         Q = _series_mul(pair[0], f) if L > 1 else r

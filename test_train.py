@@ -207,6 +207,8 @@ def test_training_run_writes_every_file(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2]
     for key in ("train_loss", "train_acc", "val_acc", "test_acc", "lr", "seconds"):
         assert all(torch.isfinite(torch.tensor(float(r[key]))) for r in rows)
+    seen = (40 - 8) // 8 * 8  # full training batches per epoch: the accuracy is a count of them
+    assert all(r["train_acc"] * seen == round(r["train_acc"] * seen) and r["train_acc"] > 0 for r in rows)
     ckpt = torch.load(run / "best.pt", weights_only=False)
     assert {"model", "optimizer", "rng_cpu", "rng_cuda", "perm_gen", "config", "state"} <= set(ckpt)
     assert not [p for p in os.listdir(run) if p.endswith(".tmp")]

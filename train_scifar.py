@@ -277,7 +277,7 @@ def evaluate(model, x_all, y_all, noise_all, mean, std, args, autocast):
     loss, correct = 0.0, 0
     for i in range(0, len(x_all), args.eval_batch_size):
         x, y = x_all[i:i + args.eval_batch_size], y_all[i:i + args.eval_batch_size]
-        noise = None if noise_all is None else noise_all[i:i + args.eval_batch_size].to(x.device)
+        noise = None if noise_all is None else noise_all[i:i + args.eval_batch_size]
         with autocast:
             logits = model(make_batch(x, mean, std, noise))
         loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
@@ -373,12 +373,11 @@ def resolve(parser, args, given):
         parser.error(f"--device {args.device}: {e}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this PyTorch build has no CUDA device (torch {torch.__version__}); use --device cpu")
-    checkpoints = [os.path.join(args.out, f) for f in ("last.pt", "best.pt") if os.path.exists(os.path.join(args.out, f))]
-    if not args.resume:
-        if checkpoints:
-            parser.error(f"{checkpoints[0]} holds an earlier run: continue it with --resume, or choose another --out")
-        return dict(vars(args), data_dir_explicit="data_dir" in given), None
     last = os.path.join(args.out, "last.pt")
+    if not args.resume:
+        if os.path.exists(last) or os.path.exists(os.path.join(args.out, "best.pt")):
+            parser.error(f"{args.out} holds an earlier run: continue it with --resume, or choose another --out")
+        return dict(vars(args), data_dir_explicit="data_dir" in given), None
     if not os.path.exists(last):
         parser.error(f"--resume: no checkpoint at {last}")
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
@@ -389,15 +388,15 @@ def resolve(parser, args, given):
         parser.error("--resume continues the run in --out with its own settings; these flags contradict it: " + ", ".join(conflicts))
     if "epochs" in given and args.epochs < saved["epochs"]:
         parser.error(f"--epochs {args.epochs}: the run was planned for {saved['epochs']}; --resume can only extend it")
-    config = dict(saved, out=args.out, resume=True, device=args.device, amp=args.amp, compile=args.compile, max_steps=args.max_steps)
-    if "data_dir" in given:
-        config.update(data_dir=args.data_dir, data_dir_explicit=True)
-    config["epochs"] = args.epochs if "epochs" in given else saved["epochs"]
-    return config, ckpt
+    config = dict(saved, out=args.out, resume=True, device=args.device, amp=args.amp, compile=args.compile,
+                  max_steps=args.max_steps, **{k: getattr(args, k) for k in given & {"epochs", "data_dir"}})
+    return dict(config, data_dir_explicit=saved["data_dir_explicit"] or "data_dir" in given), ckpt
 
 
 def load_data(parser, args, device):
-    """Train/val/test: uint8 (N, C, L0) and labels on the device; fixed CPU noise for val and test; normalization."""
+    """Train/val/test: uint8 (N, C, L0), labels and (val, test) fixed noise, all on the device; normalization.
+
+    The evaluation noise is drawn on the CPU from seed + 1, so it is the same numbers on every device."""
     if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
         raise DataError(f"--data-dir {args.data_dir} exists but is not a directory")
     if args.dataset == "cifar10":
@@ -417,7 +416,7 @@ def load_data(parser, args, device):
     for split, (x, y) in {"train": (x_train[train], y_train[train]), "val": (x_train[val], y_train[val]),
                           "test": (x_test, y_test)}.items():
         noise = None if args.no_noise or split == "train" else torch.rand(x.shape, generator=noise_gen)  # (N, C, L0)
-        data[split] = (x.to(device), y.to(device), noise)
+        data[split] = (x.to(device), y.to(device), None if noise is None else noise.to(device))
     mean, std = (torch.tensor(v, device=device)[:, None] for v in norm)  # (C, 1)
     return data, mean, std
 
@@ -431,8 +430,9 @@ def setup(args, ckpt, device, n_train, C, L0):
     optimizer = make_optimizer(model, args, device)
     perm_gen = torch.Generator().manual_seed(args.seed)
     steps_per_epoch = n_train // args.batch_size
+    end = args.epochs * steps_per_epoch  # the schedule's last step
     state = {"epoch": 0, "step": 0, "global_step": 0, "perm": None, "sums": [0.0, 0], "history": [], "best": None,
-             "schedule": {"start": 0, "end": args.epochs * steps_per_epoch, "factor": 1.0}}
+             "schedule": {"start": 0, "end": end, "factor": 1.0}}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -441,7 +441,6 @@ def setup(args, ckpt, device, n_train, C, L0):
         if device.type == "cuda" and ckpt["rng_cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
         state = ckpt["state"]
-        end = args.epochs * steps_per_epoch
         if end != state["schedule"]["end"]:  # --epochs extended: a new cosine from the current learning rate
             step = state["global_step"]
             state["schedule"] = {"start": step, "end": end, "factor": lr_factor(step, state["schedule"])}
@@ -513,9 +512,10 @@ def main(argv=None):
     except DataError as e:
         raise SystemExit(f"error: {e}")
     args.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(json.dumps(vars(args), indent=1))
+    config_text = json.dumps(vars(args), indent=1)
+    print(config_text)
     os.makedirs(args.out, exist_ok=True)
-    atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
+    atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(config_text.encode()))
     use_bf16 = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     x_train = data["train"][0]
@@ -541,7 +541,7 @@ def main(argv=None):
                 return state
             val_loss, val_acc = evaluate(model, *data["val"], mean, std, args, autocast)
             test_loss, test_acc = evaluate(model, *data["test"], mean, std, args, autocast)
-            (loss_sum, correct), count = state["sums"], len(x_train) // args.batch_size * args.batch_size
+            (loss_sum, correct), count = state["sums"], state["step"] * args.batch_size  # full batches only
             row = {"epoch": state["epoch"] + 1, "train_loss": loss_sum / count, "train_acc": correct / count,
                    "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
                    "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0}
