@@ -247,8 +247,9 @@ class _TailSeriesFn(torch.autograd.Function):
         r = _powers(-a[:, 0], n).T  # (H, n)
         f = torch.cat([a, 4 * dt / (1 + dt) ** 2 * r[:, :-1]], 1)  # (H, n)
         pair, e = torch.stack([r, f]), max(L - 2, 0)  # (2, H, n): f^(N-1) r so far, f^(2^i)
-        while e:
-            products = _series_mul(pair, pair[1])  # (2, H, n): times f^(2^i), f^(2^(i+1))
+        while e:  # one FFT of both series serves both products
+            X = torch.fft.rfft(pair, 2 * n)  # (2, H, n + 1)
+            products = torch.fft.irfft(X * X[1], 2 * n)[..., :n]  # (2, H, n): times f^(2^i), f^(2^(i+1))
             pair = products if e & 1 else torch.stack([pair[0], products[1]])
             e >>= 1
         Q = _series_mul(pair[0], f) if L > 1 else r
