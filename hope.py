@@ -16,8 +16,8 @@ Glossary (code name = paper symbol: meaning)
     H            channels (d_model); one independent system per channel
     L            sequence length
     n = d_state  number of Markov parameters; the Hankel matrix is n-by-n
-    h  (H, n)    Markov parameters h_0..h_{n-1}
-    dt (H,)      sampling period Delta t > 0 of the bilinear warp
+    h  (H, n)    Markov parameters h_0..h_{n-1}; (2H, n) when bidirectional, rows H.. anti-causal
+    dt (H,)      sampling period Delta t > 0 of the bilinear warp; (2H,) when bidirectional
     D  (H,)      feedthrough: y = (k * u) + D u
     a  (H,)      (1 - dt) / (1 + dt), the pole of the all-pass section below; |a| < 1
     omega        FFT nodes exp(2 pi i k / L);  omega' = the warped nodes;  g = G(omega')
@@ -56,16 +56,15 @@ The exact causal kernel
     the sign of q alternating between even and odd nodes. Q costs about 2 log2(L) FFT products of
     length 2n; no (L, n) or (n, n) tensor is ever built.
 
-Exact, all of it (against the step-by-step recurrence, dt from 1e-4 to 10: relative error at
-most 1.2e-13 in float64 and 2.6e-5 in float32, measured; TF32 matmuls, off by PyTorch's default,
-would raise it to ~3e-4 through _poly's complex matmul, measured on an H100)
+Exact, all of it (vs the step-by-step recurrence, dt 1e-4..10: relative error at most 1.2e-13 in float64
+and 2.6e-5 in float32, measured; TF32 matmuls, off by default, would give ~3e-4, measured on an H100).
+Autocast leaves the kernel and the FFTs in float32.
     algorithm1             the paper's circular convolution of length L, written literally.
     circular=True in HOPE  exactly algorithm1, computed with rfft (faster, same numbers).
     hope_kernel            exactly the first L samples of the impulse response, every dt > 0.
-    causal mode            exact causal (Toeplitz) convolution with hope_kernel(h, dt, L), applied
-                           through its spectrum hope_kernel_spectrum (no round trip to time).
-    step                   the same causal system one step at a time; equals the causal mode.
-    Autocast leaves the kernel and the FFTs in float32.
+    causal mode (default)  Toeplitz convolution with hope_kernel's spectrum, hope_kernel_spectrum.
+    bidirectional=True     two-sided Toeplitz convolution with two such kernels (two_sided).
+    step                   the causal mode one step at a time.
 """
 import math
 
@@ -310,6 +309,14 @@ def hope_kernel(h, dt, L):
     return torch.fft.irfft(hope_kernel_spectrum(h, dt.to(h.dtype), L), n=2 * L)[:, :L]
 
 
+def two_sided(K, L):
+    """rfft (length 2L) of y[t] = sum_{s<=t} k_fwd[t - s] u[s] + sum_{s>t} k_bwd[s - t - 1] u[s], from the rffts
+    of k_fwd = K[:H] and k_bwd = K[H:] (2H, L + 1) -> (H, L + 1). k_bwd[j] sits at lag -(j + 1) = 2L - j - 1:
+    its terms k_bwd[j] z^(j+1) sum to z conj(K_bwd(z)). No lag wraps around (|t - s| < L; lag L is never used)."""
+    H, k = len(K) // 2, torch.arange(L + 1, dtype=K.real.dtype, device=K.device)
+    return K[:H] + torch.polar(torch.ones_like(k), k * (math.pi / L)) * K[H:].conj()  # z_k = exp(2 pi i k / 2L)
+
+
 def _register(module, name, tensor, lr, weight_decay=0.0):
     """lr == 0: frozen buffer; else a parameter, with an optimizer hint when lr is given (state-spaces/s4
     style); weight_decay=None leaves its weight decay to the optimizer."""
@@ -330,26 +337,31 @@ class HOPE(nn.Module):
     lr_dt: learning-rate hint for dt (0 freezes it as a buffer; no weight decay); lr_h: hint for h
         (None: the optimizer's default, as in the paper); h keeps the optimizer's weight decay.
     circular: use the paper's circular convolution (equal to algorithm1) instead of the causal one.
+    bidirectional: add an anti-causal kernel with its own h and dt (see two_sided); non-circular.
     """
 
     def __init__(self, d_model, d_state=64, dt_min=0.001, dt_max=0.1, dropout=0.0, lr_dt=0.001,
-                 lr_h=None, circular=False, transposed=True):
+                 lr_h=None, circular=False, bidirectional=False, transposed=True):
         super().__init__()
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
-        H, n = d_model, d_state
-        self.H, self.n, self.circular, self.transposed = H, n, circular, transposed
-        log_dt = torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        if circular and bidirectional:
+            raise ValueError("circular and bidirectional exclude each other: the bidirectional layer is an exact "
+                             "two-sided convolution without wrap-around; choose one")
+        H, n, systems = d_model, d_state, 2 * d_model if bidirectional else d_model
+        self.H, self.n, self.circular, self.bidirectional, self.transposed = H, n, circular, bidirectional, transposed
+        log_dt = torch.rand(systems) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
         _register(self, "log_dt", log_dt, lr_dt)
-        # The authors' init scale; the paper only says "random".
-        _register(self, "h", torch.randn(H, n) / (2 * math.sqrt(2 * n)), lr_h, weight_decay=None)
+        # The authors' init (the paper only says "random"): their complex h has std 1 / (2 sqrt(2n)), so its
+        # real part, the only part that acts, has std 1 / (4 sqrt(n)).
+        _register(self, "h", torch.randn(systems, n) / (4 * math.sqrt(n)), lr_h, weight_decay=None)
         self.D = nn.Parameter(torch.randn(H))
         self.activation = nn.GELU()
         self.dropout = nn.Dropout1d(dropout) if dropout > 0 else nn.Identity()
         self.output_linear = nn.Sequential(nn.Conv1d(H, 2 * H, kernel_size=1), nn.GLU(dim=-2))
 
     def kernel(self, L):
-        """Causal kernel (H, L) of the current parameters."""
+        """Causal kernels (H, L) of the current parameters; bidirectional: (2H, L), rows H.. are k_bwd."""
         return hope_kernel(self.h, self.log_dt.exp(), L)
 
     def forward(self, u):
@@ -368,7 +380,8 @@ class HOPE(nn.Module):
             G = hope_transfer(self.h, dt, L)  # (H, L//2 + 1)
             y = torch.fft.irfft(torch.fft.rfft(u, n=L) * G, n=L)  # (B, H, L)
         else:
-            K = hope_kernel_spectrum(self.h, dt, L)  # (H, L + 1)
+            K = hope_kernel_spectrum(self.h, dt, L)  # (H, L + 1), or (2H, L + 1)
+            K = two_sided(K, L) if self.bidirectional else K  # (H, L + 1)
             y = torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * K, n=2 * L)[..., :L]  # (B, H, L)
         y = self._block(y, u)
         return y if self.transposed else y.transpose(-1, -2)
@@ -388,9 +401,10 @@ class HOPE(nn.Module):
         x_out[t] = a x_out[t-1] + x_in[t-1] - a x_in[t]; the output is sum_i h_i (section i's
         output) + D u. O(n) work per step and channel.
         """
-        if self.circular:
-            raise ValueError("step() runs the causal system; this layer has circular=True, whose wrap-around "
-                             "(each output sees the whole sequence) has no recurrence. Use circular=False")
+        if self.circular or self.bidirectional:
+            mode = "circular" if self.circular else "bidirectional"
+            raise ValueError(f"step() runs the causal recurrence, but this layer is {mode}: its output at t depends "
+                             "on inputs after t. Use forward() on the whole sequence")
         if u_t.ndim != 2 or u_t.shape[1] != self.H or state.shape != (u_t.shape[0], self.H, self.n + 1):
             raise ValueError(f"step expects u_t (B, {self.H}) and state (B, {self.H}, {self.n + 1}) "
                              f"from default_state(B), got {tuple(u_t.shape)} and {tuple(state.shape)}")

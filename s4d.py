@@ -9,7 +9,7 @@ Glossary (code name = paper symbol: meaning)
     A  (H, N/2)  complex diagonal state matrix, Re(A) < 0 for stability
     b_in (N/2,)  the state-space input vector (the paper's B; B here is the batch): only C_n b_in_n
                  enters the kernel, so it is absorbed into C at initialization
-    C  (H, N/2)  complex output weights
+    C  (H, N/2)  complex output weights; (2H, N/2) when bidirectional, rows H.. for the anti-causal kernel
     dt (H,)      step size of the zero-order-hold (ZOH) discretization
     D  (H,)      feedthrough
     dA, dB       exp(dt A), (exp(dt A) - 1) / A: the discrete system x[t] = dA x[t-1] + dB u[t]
@@ -35,34 +35,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-REAL_PARAMS = ("exp", "softplus", "direct", "stable")
+REAL_PARAMS = {  # real_param: (f, its inverse w = f^-1(re) on re < 0; all inits start at re = -1/2)
+    "exp": (lambda w: -torch.exp(w), lambda re: torch.log(-re)),
+    "softplus": (lambda w: -F.softplus(w), lambda re: torch.log(torch.expm1(-re))),
+    "direct": (lambda w: w, lambda re: re.clone()),
+    "stable": (lambda w: -1 / (w * w + 0.5), lambda re: torch.sqrt(-1 / re - 0.5)),  # f maps onto [-2, 0)
+}
 INITS = ("lin", "inv", "legs")
-
-
-def real_part(w, kind):
-    """Re(A) = f(w) for the parameterization `kind`."""
-    if kind == "exp":
-        return -torch.exp(w)
-    if kind == "softplus":
-        return -F.softplus(w)
-    if kind == "direct":
-        return w
-    return -1 / (w * w + 0.5)
-
-
-def real_part_inverse(re, kind):
-    """w with f(w) = re, for re < 0."""
-    if kind == "exp":
-        return torch.log(-re)
-    if kind == "softplus":
-        return torch.log(torch.expm1(-re))
-    if kind == "direct":
-        return re.clone()
-    if kind != "stable":
-        raise ValueError(f"real_param must be one of {REAL_PARAMS}, got {kind!r}")
-    if (re < -2).any():
-        raise ValueError("real_param='stable' can only represent -2 <= Re(A) < 0")
-    return torch.sqrt(-1 / re - 0.5)
 
 
 def init_A(H, N, init):
@@ -109,9 +88,11 @@ def s4d_kernel(dt, A, C, L):
 
 
 def _kernel(dt, A, C, L):
+    """s4d_kernel without checks; C may hold 2H rows (bidirectional) that share A and dt -> (H or 2H, L)."""
+    C = C.view(-1, *A.shape)  # (1 or 2, H, N/2)
     dtA = A * dt[:, None]  # (H, N/2)
     vander = torch.exp(dtA[..., None] * torch.arange(L, device=A.device))  # (H, N/2, L)
-    return 2 * torch.einsum("hn,hnl->hl", C * (torch.exp(dtA) - 1) / A, vander).real
+    return 2 * torch.einsum("chn,hnl->chl", C * (torch.exp(dtA) - 1) / A, vander).real.flatten(0, 1)  # (cH, L)
 
 
 def _register(module, name, tensor, lr):
@@ -129,35 +110,38 @@ class S4D(nn.Module):
 
     Input and output (B, H, L), or (B, L, H) with transposed=False.
     lr: learning-rate hint for A (weight decay 0); lr_dt: hint for dt (0 freezes it).
+    bidirectional: add an anti-causal kernel with its own C, sharing A and dt (s4's channels=2).
     """
 
     def __init__(self, d_model, d_state=64, dt_min=0.001, dt_max=0.1, dropout=0.0, init="lin",
-                 real_param="exp", lr=0.001, lr_dt=0.001, transposed=True):
+                 real_param="exp", lr=0.001, lr_dt=0.001, bidirectional=False, transposed=True):
         super().__init__()
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         if d_state < 2 or d_state % 2:
             raise ValueError(f"d_state must be even (conjugate pairs), got {d_state}")
+        if real_param not in REAL_PARAMS:
+            raise ValueError(f"real_param must be one of {tuple(REAL_PARAMS)}, got {real_param!r}")
         H = d_model
-        self.H, self.real_param, self.transposed = H, real_param, transposed
+        self.H, self.real_param, self.bidirectional, self.transposed = H, real_param, bidirectional, transposed
         log_dt = torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
         A, b_in = init_A(H, d_state, init)
-        C = torch.randn(H, d_state // 2, dtype=torch.complex128) * b_in
+        C = torch.randn(2 if bidirectional else 1, H, d_state // 2, dtype=torch.complex128) * b_in  # (c, H, N/2)
         _register(self, "log_dt", log_dt, lr_dt)
-        _register(self, "w", real_part_inverse(A.real, real_param).float(), lr)
+        _register(self, "w", REAL_PARAMS[real_param][1](A.real).float(), lr)
         _register(self, "A_imag", A.imag.float(), lr)
-        self.C = nn.Parameter(torch.view_as_real(C.to(torch.complex64)))  # (H, N/2, 2): optimizers want real
+        self.C = nn.Parameter(torch.view_as_real(C.flatten(0, 1).to(torch.complex64)))  # (cH, N/2, 2): optimizers want real
         self.D = nn.Parameter(torch.randn(H))
         self.activation = nn.GELU()
         self.dropout = nn.Dropout1d(dropout) if dropout > 0 else nn.Identity()
         self.output_linear = nn.Sequential(nn.Conv1d(H, 2 * H, kernel_size=1), nn.GLU(dim=-2))
 
     def _system(self):
-        A = torch.complex(real_part(self.w, self.real_param), self.A_imag)  # (H, N/2)
+        A = torch.complex(REAL_PARAMS[self.real_param][0](self.w), self.A_imag)  # (H, N/2)
         return self.log_dt.exp(), A, torch.view_as_complex(self.C)
 
     def kernel(self, L):
-        """Causal kernel (H, L) of the current parameters."""
+        """Causal kernels (H, L) of the current parameters; bidirectional: (2H, L), rows H.. are k_bwd."""
         return _kernel(*self._system(), L)
 
     def forward(self, u):
@@ -171,7 +155,10 @@ class S4D(nn.Module):
                              "use torch.autocast for mixed precision: the FFTs and the kernel need float32")
         u = u.to(torch.promote_types(u.dtype, torch.float32))  # torch.fft takes no bf16 (autocast may pass one)
         L = u.shape[-1]
-        k_f = torch.fft.rfft(self.kernel(L), n=2 * L)  # (H, L + 1)
+        k = self.kernel(L)  # (H, L), or (2H, L)
+        if self.bidirectional:  # y[t] += sum_{s>t} k_bwd[s-t-1] u[s]: k_bwd[j] at lag -(j+1), i.e. 2L-j-1 on the circle
+            k = torch.cat([k[:self.H], k[self.H:].flip(-1)], -1)  # (H, 2L); u is padded, so lags never wrap around
+        k_f = torch.fft.rfft(k, n=2 * L)  # (H, L + 1)
         y = torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * k_f, n=2 * L)[..., :L]  # (B, H, L)
         y = self._block(y, u)
         return y if self.transposed else y.transpose(-1, -2)
@@ -187,6 +174,9 @@ class S4D(nn.Module):
 
     def step(self, u_t, state):
         """One time step: u_t (B, H), state (B, H, N/2) -> y_t (B, H), state. O(N) per channel."""
+        if self.bidirectional:
+            raise ValueError("step() runs a causal recurrence, but this layer is bidirectional: its output at t "
+                             "depends on inputs after t. Use forward() on the whole sequence")
         if u_t.ndim != 2 or u_t.shape[1] != self.H or state.shape != (u_t.shape[0], *self.A_imag.shape):
             raise ValueError(f"step expects u_t (B, {self.H}) and state (B, {self.H}, "
                              f"{self.A_imag.shape[1]}) from default_state(B), got {tuple(u_t.shape)} "

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hope import HOPE, algorithm1, hope_kernel, hope_kernel_spectrum, hope_transfer
-from s4d import INITS, REAL_PARAMS, S4D, init_A, real_part, s4d_kernel
+from s4d import INITS, REAL_PARAMS, S4D, init_A, s4d_kernel
 
 f64 = torch.float64
 
@@ -160,6 +160,55 @@ def test_s4d_layer_is_toeplitz():
     torch.testing.assert_close(layer(u), block(layer, conv, u), rtol=0, atol=1e-12)
 
 
+def direct_two_sided(u, k_fwd, k_bwd):
+    """y[t] = sum_{s <= t} k_fwd[t - s] u[s] + sum_{s > t} k_bwd[s - t - 1] u[s], a Toeplitz matrix product."""
+    L = u.shape[-1]
+    lag = torch.arange(L)[:, None] - torch.arange(L)[None, :]  # (L, L): t - s
+    T = torch.where(lag >= 0, k_fwd[..., lag.clamp(min=0)], k_bwd[..., (-lag - 1).clamp(min=0)])  # (H, L, L)
+    return torch.einsum("hts,bhs->bht", T, u)
+
+
+def bidirectional_kernels(layer, L):
+    """k_fwd and k_bwd (H, L) from independent ground truth: the recurrence (HOPE), s4d_kernel per C half (S4D)."""
+    H = layer.H
+    if isinstance(layer, HOPE):
+        k = impulse_response(layer.h.detach(), layer.log_dt.exp().detach(), L)
+        return k[:H], k[H:]
+    dt, A, C = layer._system()
+    return s4d_kernel(dt, A, C[:H], L).detach(), s4d_kernel(dt, A, C[H:], L).detach()
+
+
+@pytest.mark.parametrize("cls", [HOPE, S4D])
+def test_bidirectional_layer_is_two_sided_toeplitz(cls):
+    """Exact two-sided convolution; the map at L is the top-left block of the map at 2L (no wrap-around,
+    also with memory windows n/dt far beyond 2L); it depends on future inputs."""
+    layer = cls(3, d_state=8, dt_min=1e-3, dt_max=2.0, bidirectional=True).double().eval()
+    u = torch.randn(2, 3, 40, dtype=f64)
+    conv = direct_two_sided(u, *bidirectional_kernels(layer, 40))
+    torch.testing.assert_close(layer(u), block(layer, conv, u), rtol=0, atol=1e-12)
+    padded = torch.cat([u, torch.zeros_like(u)], -1)  # (B, H, 2L)
+    torch.testing.assert_close(layer(padded)[..., :40], layer(u), rtol=0, atol=1e-12)
+    v = u.clone()
+    v[..., -1] += 1
+    assert (layer(v) - layer(u))[..., 0].abs().min() > 1e-6
+
+
+@pytest.mark.parametrize("cls", [HOPE, S4D])
+def test_bidirectional_causal_half_is_the_unidirectional_layer(cls):
+    """With the anti-causal systems silenced (h or C zero), the bidirectional layer is the causal one
+    whose parameters it shares: same h, dt (HOPE) or A, dt, C (S4D), D and output map."""
+    bi = cls(3, d_state=8, dt_min=1e-3, dt_max=0.1, bidirectional=True).double().eval()
+    uni = cls(3, d_state=8).double().eval()
+    params = dict(bi.named_parameters()) | dict(bi.named_buffers())
+    with torch.no_grad():
+        for name, p in list(uni.named_parameters()) + list(uni.named_buffers()):
+            p.copy_(params[name][:len(p)])  # h, dt (HOPE) and C: the first H rows are the causal ones
+        (bi.h if cls is HOPE else bi.C)[3:] = 0
+    u = torch.randn(2, 3, 30, dtype=f64)
+    torch.testing.assert_close(bi(u), uni(u), rtol=0, atol=1e-12)
+    torch.testing.assert_close(bi.kernel(30)[:3], uni.kernel(30), rtol=0, atol=1e-14)
+
+
 def test_transposed_layout():
     for cls in (HOPE, S4D):
         torch.manual_seed(1)
@@ -257,7 +306,7 @@ def test_s4d_real_params_start_at_init(init):
     for real_param in REAL_PARAMS:
         torch.manual_seed(2)
         layer = S4D(3, d_state=8, init=init, real_param=real_param)
-        torch.testing.assert_close(real_part(layer.w, real_param), A.real.float())
+        torch.testing.assert_close(REAL_PARAMS[real_param][0](layer.w), A.real.float())
         kernels.append(layer.kernel(32))
     for k in kernels[1:]:
         torch.testing.assert_close(k, kernels[0])
@@ -310,6 +359,13 @@ def test_hope_kernel_gradcheck(n, dt):
     assert torch.autograd.gradcheck(lambda h, dt: torch.view_as_real(hope_transfer(h, dt, 10)), (h, dts))
 
 
+def test_h_init_is_the_real_part_of_the_authors_init():
+    """The authors draw complex h = randn(cfloat) / sqrt(2n) / 2 (restated here); only Re(h) acts."""
+    n = 128
+    theirs = (torch.randn(256, n, dtype=torch.cfloat) / math.sqrt(2 * n) / 2).real
+    assert HOPE(256, d_state=n).h.std().item() == pytest.approx(theirs.std().item(), rel=0.02)
+
+
 def test_hope_layer_optimizer_hints():
     layer = HOPE(4, lr_dt=0.0, lr_h=0.001)
     assert "log_dt" in dict(layer.named_buffers())
@@ -336,7 +392,10 @@ h2, dt2 = torch.randn(2, 4), torch.ones(2)
     (lambda: HOPE(4)(torch.randn(4, 8)), "expects a float tensor"),
     (lambda: HOPE(4, dt_min=0.0), "dt_min"),
     (lambda: HOPE(4).step(torch.randn(2, 4), torch.zeros(2, 4, 3)), "default_state"),
-    (lambda: HOPE(4, circular=True).step(torch.randn(2, 4), HOPE(4).default_state(2)), "circular=False"),
+    (lambda: HOPE(4, circular=True).step(torch.randn(2, 4), HOPE(4).default_state(2)), "is circular"),
+    (lambda: HOPE(4, bidirectional=True).step(torch.randn(2, 4), HOPE(4).default_state(2)), "is bidirectional"),
+    (lambda: S4D(4, bidirectional=True).step(torch.randn(2, 4), S4D(4).default_state(2)), "bidirectional"),
+    (lambda: HOPE(4, circular=True, bidirectional=True), "exclude each other"),
     (lambda: HOPE(4).bfloat16()(torch.randn(2, 4, 8)), "keep the layer in float32"),
     (lambda: S4D(4).bfloat16()(torch.randn(2, 4, 8)), "keep the layer in float32"),
     (lambda: S4D(4)(torch.randn(2, 3, 8)), r"expects a float tensor \(B, H=4, L\)"),

@@ -283,6 +283,8 @@ def test_misuse_writes_nothing(tmp_path, capsys):
     with pytest.raises(SystemExit, match="is not a directory"):
         ts.main(small_args(tmp_path, "--data-dir", str(tmp_path / "file")))
     refused(capsys, small_args(tmp_path, "--dt-min", "0.5", "--dt-max", "0.1"), "--dt-min")
+    refused(capsys, small_args(tmp_path, "--warmup-epochs", "2"), "--warmup-epochs 2", "--epochs 2")
+    refused(capsys, small_args(tmp_path, "--circular", "--bidirectional"), "--circular and --bidirectional")
     if not torch.cuda.is_available():
         refused(capsys, small_args(tmp_path, "--device", "cuda"), "no CUDA device")
     assert not (tmp_path / "run").exists()
@@ -314,9 +316,32 @@ def test_resume_rules(tmp_path, capsys):
     lrs = [r["lr"] for r in state["history"]]
     s = state["schedule"]  # a new cosine from step 5 (lr factor f5 of the 8-step cosine) to step 12
     f5 = 0.5 * (1 + math.cos(math.pi * 5 / 8))
-    assert s == {"start": 5, "end": 12, "factor": pytest.approx(f5)}
+    assert s == {"warmup": 0, "start": 5, "end": 12, "factor": pytest.approx(f5)}
     assert lrs[1] == pytest.approx(0.01 * f5 * 0.5 * (1 + math.cos(math.pi * 2 / 7)))  # step 7 of the run
     assert lrs[0] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 3 / 8)))  # step 3, the first cosine
+
+
+def test_warmup_then_cosine(tmp_path):
+    """4 steps per epoch, 1 warm-up epoch, 3 epochs: lr factor (s + 1)/4 for steps s < 4, then
+    0.5 (1 + cos(pi (s - 4) / 8)); the metrics record the learning rate of each epoch's last step."""
+    write_fashion_mnist(str(tmp_path / "data"))
+    ts.main(small_args(tmp_path, "--warmup-epochs", "1", "--epochs", "3", "--max-steps", "2", "--lr-h", "0.001"))
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == pytest.approx([0.01 * 2 / 4, 0.001 * 2 / 4])
+    state = ts.main(small_args(tmp_path, "--resume", "--epochs", "4"))  # extended inside the warm-up: same warm-up
+    cosine = [0.5 * (1 + math.cos(math.pi * (s - 4) / 12)) for s in (7, 11, 15)]
+    assert [r["lr"] for r in state["history"]] == pytest.approx([0.01] + [0.01 * f for f in cosine])
+
+
+def test_preset_resolves_to_the_authors_recipe(tmp_path):
+    _, args, given = ts.parse_args(["--preset", "lra-image"])
+    recipe = dict(dataset="cifar10", grayscale=True, no_noise=True, n_layers=6, d_model=128, dropout=0.1, d_state=128,
+                  batch_size=32, lr=0.004, lr_h=0.001, weight_decay=0.01, lr_dt=0.001, dt_min=0.001, dt_max=10.0,
+                  warmup_epochs=10, epochs=200, bidirectional=True, circular=False)
+    assert {k: getattr(args, k) for k in recipe} == recipe and given == {"preset"}
+    _, args, given = ts.parse_args(["--preset", "lra-image", "--model", "s4d", "--lr", "0.002", "--epochs", "50"])
+    assert (args.d_state, args.lr_ssm, args.dt_min, args.dt_max, args.lr, args.epochs) == (64, 0.001, 0.001, 0.1, 0.002, 50)
+    assert args.batch_size == 32 and given == {"preset", "model", "lr", "epochs"}
 
 
 def test_evaluation_noise_is_fixed_and_independent_of_batch_size(tmp_path):
@@ -372,18 +397,26 @@ def test_help_prints_no_warning_without_numpy():
     assert out.stdout.count("(default:") >= 25  # every option shows its default
 
 
-@pytest.mark.parametrize("flags", [["--amp", "bf16", "--circular"], ["--no-noise", "--model", "s4d"], pytest.param(
+@pytest.mark.parametrize("flags", [["--amp", "bf16", "--circular"], ["--no-noise", "--model", "s4d"],
+                                   ["--no-noise", "--bidirectional"], ["--no-noise", "--bidirectional", "--model", "s4d"], pytest.param(
     ["--compile"], marks=pytest.mark.skipif(not any(map(shutil.which, ("g++", "clang++", "c++"))),
                                             reason="torch.compile's CPU backend needs a C++ compiler"))])
 def test_end_to_end_flags(tmp_path, flags):
     write_fashion_mnist(str(tmp_path / "data"))
     state = ts.main(small_args(tmp_path, "--epochs", "1", *flags))
     assert state["epoch"] == 1 and math.isfinite(state["history"][0]["train_loss"])
+    weights = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
+    rows = weights["layers.0.C" if "s4d" in flags else "layers.0.h"].shape[0]
+    assert rows == (16 if "--bidirectional" in flags else 8)  # d_model 8: one (or two) systems per channel
 
 
-def test_end_to_end_grayscale_cifar(tmp_path, monkeypatch):
+def test_end_to_end_preset_on_grayscale_cifar(tmp_path, monkeypatch):
+    """The LRA Image preset (grayscale, bidirectional, no noise) with a tiny model: explicit flags win."""
     path, _ = write_cifar(monkeypatch, str(tmp_path / "data"), n_train=4, writer="python2")
     monkeypatch.setattr(ts.load_cifar10, "__defaults__", (ts.md5sum(path),))
-    args = [a if a != "fashion-mnist" else "cifar10" for a in small_args(tmp_path, "--grayscale", "--epochs", "1")]
+    args = [a for a in small_args(tmp_path, "--preset", "lra-image", "--warmup-epochs", "0", "--epochs", "1")
+            if a not in ("--dataset", "fashion-mnist")]
     state = ts.main(args)
-    assert state["epoch"] == 1 and json.load(open(tmp_path / "run" / "config.json"))["grayscale"]
+    config = json.load(open(tmp_path / "run" / "config.json"))
+    assert state["epoch"] == 1 and config["grayscale"] and config["bidirectional"] and config["no_noise"]
+    assert (config["lr"], config["batch_size"], config["d_model"], config["warmup_epochs"]) == (0.004, 8, 8, 0)

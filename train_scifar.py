@@ -3,6 +3,7 @@
     python train_scifar.py --model hope                 # the paper's setup, CUDA if present
     python train_scifar.py --model s4d                  # the S4D-Lin baseline
     python train_scifar.py --dataset fashion-mnist      # runs offline (Debian dataset-fashion-mnist)
+    python train_scifar.py --preset lra-image           # the authors' LRA Image recipe (bidirectional)
 
 Each image becomes a sequence of pixels (1024 x 3 for CIFAR-10), normalized per channel, followed
 by as many steps of uniform [0, 1) noise (a fresh draw whenever a sample is used). The classifier
@@ -53,6 +54,14 @@ NORMALIZATION = {  # (mean, std) per channel, on the [0, 1] scale
 }
 
 
+PRESETS = {"lra-image": {  # the authors' run_cifar.sh / run_cifar.py for LRA Image (README: Presets)
+    "all": dict(dataset="cifar10", grayscale=True, no_noise=True, n_layers=6, d_model=128, dropout=0.1, batch_size=32,
+                lr=0.004, weight_decay=0.01, lr_dt=0.001, dt_min=0.001, warmup_epochs=10, epochs=200, bidirectional=True),
+    "hope": dict(d_state=128, lr_h=0.001, dt_max=10.0),
+    "s4d": dict(d_state=64, lr_ssm=0.001, dt_max=0.1),  # not in the authors' script: this project's choice
+}}
+
+
 class DataError(RuntimeError):
     """A data file is missing, corrupt or unreachable; the message says what to do."""
 
@@ -72,15 +81,11 @@ def download(url, path, md5):
     if not os.path.isdir(folder):
         print(f"creating {folder}/ for the download")
         os.makedirs(folder)
+    print(f"downloading {url} to {path}")
     try:
         with urllib.request.urlopen(url, timeout=30) as r, open(part, "wb") as f:
-            total, done = int(r.headers.get("Content-Length") or 0), 0
             for chunk in iter(lambda: r.read(1 << 20), b""):
                 f.write(chunk)
-                done += len(chunk)
-                print(f"\rdownloading {os.path.basename(path)}: {done / 2**20:.1f}"
-                      f"{f' / {total / 2**20:.1f}' if total else ''} MB", end="", flush=True)
-        print()
     except (urllib.error.URLError, OSError) as e:
         if os.path.exists(part):
             os.remove(part)
@@ -226,11 +231,11 @@ def build_model(args, d_input, seq_len):
     if args.model == "hope":
         def make_layer():
             return HOPE(args.d_model, args.d_state, args.dt_min, args.dt_max, args.dropout, lr_dt=args.lr_dt,
-                        lr_h=args.lr_h, circular=args.circular)
+                        lr_h=args.lr_h, circular=args.circular, bidirectional=args.bidirectional)
     else:
         def make_layer():
             return S4D(args.d_model, args.d_state, args.dt_min, args.dt_max, args.dropout, init=args.s4d_init,
-                       real_param=args.s4d_real, lr=args.lr_ssm, lr_dt=args.lr_dt)
+                       real_param=args.s4d_real, lr=args.lr_ssm, lr_dt=args.lr_dt, bidirectional=args.bidirectional)
     return SequenceClassifier(make_layer, d_input, 10, args.d_model, args.n_layers, args.dropout,
                               pool_from=seq_len if not args.no_noise else 0)
 
@@ -265,7 +270,9 @@ def atomic_write(path, write):
 
 
 def lr_factor(step, schedule):
-    """Cosine from schedule["factor"] at step schedule["start"] down to 0 at schedule["end"]."""
+    """Linear warm-up to 1 over steps [0, warmup), then a cosine from schedule["factor"] at step start to 0 at end."""
+    if step < schedule["warmup"]:
+        return (step + 1) / schedule["warmup"]
     start, end = schedule["start"], schedule["end"]
     return schedule["factor"] * 0.5 * (1 + math.cos(math.pi * min(step - start, end - start) / max(end - start, 1)))
 
@@ -298,17 +305,20 @@ def _typed(kind, low, high=math.inf, low_ok=False):
 
 
 positive_int, positive, non_negative = _typed(int, 0), _typed(float, 0.0), _typed(float, 0.0, low_ok=True)
+non_negative_int = _typed(int, 0, low_ok=True)
 CHANGEABLE_ON_RESUME = {"epochs", "device", "amp", "compile", "data_dir", "max_steps", "resume", "out"}
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=["hope", "s4d"], default="hope", help="the SSM layer")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a published recipe (README: Presets); explicit flags win")
     p.add_argument("--dataset", choices=["cifar10", "fashion-mnist"], default="cifar10", help="the images")
     p.add_argument("--no-noise", action="store_true", help="plain sequential task, no noise padding (pool over all positions)")
     p.add_argument("--grayscale", action="store_true", help="CIFAR-10 as 1024 x 1 (the LRA Image task)")
-    p.add_argument("--epochs", type=positive_int, default=100, help="length of the cosine schedule; on --resume, a "
-                   "larger value extends the run: the cosine restarts from the current learning rate and reaches 0 at the new end")
+    p.add_argument("--epochs", type=positive_int, default=100, help="the cosine's length; on --resume, a larger value "
+                   "extends the run (a new cosine from the current lr)")
+    p.add_argument("--warmup-epochs", type=non_negative_int, default=0, help="linear warm-up of the lr, per step, then the cosine")
     p.add_argument("--batch-size", type=positive_int, default=64, help="training batch")
     p.add_argument("--eval-batch-size", type=positive_int, default=256, help="evaluation batch (does not change the numbers)")
     p.add_argument("--lr", type=positive, default=0.01, help="AdamW learning rate of every parameter without its own")
@@ -320,36 +330,38 @@ def build_parser():
     p.add_argument("--dt-min", type=positive, default=0.1, help="dt is log-uniform in [dt-min, dt-max] per channel")
     p.add_argument("--dt-max", type=positive, default=0.1, help="see --dt-min (the paper fixes dt = 0.1)")
     p.add_argument("--lr-dt", type=non_negative, default=0.0, help="learning rate of dt; 0 keeps dt fixed")
-    p.add_argument("--lr-h", type=positive, default=None, help="HOPE: learning rate of h (default: --lr, as in the "
-                   "paper; the authors' code uses 0.001); h's weight decay stays --weight-decay")
+    p.add_argument("--lr-h", type=positive, help="HOPE: lr of h (default --lr, as in the paper; the authors' code: 0.001)")
     p.add_argument("--lr-ssm", type=non_negative, default=0.001, help="S4D: learning rate of A (0 keeps A fixed)")
     p.add_argument("--circular", action="store_true", help="HOPE: the paper's circular convolution instead of causal")
+    p.add_argument("--bidirectional", action="store_true", help="an anti-causal kernel too (meant for --no-noise)")
     p.add_argument("--s4d-init", choices=["lin", "inv", "legs"], default="lin", help="S4D: initialization of A")
     p.add_argument("--s4d-real", choices=["exp", "softplus", "direct", "stable"], default="exp", help="S4D: Re(A) = f(w)")
     p.add_argument("--val-size", type=positive_int, default=5000, help="validation samples taken from the training set")
     p.add_argument("--seed", type=int, default=0, help="model init, batch order, training noise; evaluation noise uses seed + 1")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto", help="bf16 autocast for the dense "
-                   "parts (auto: on where CUDA supports bf16); FFTs and kernels stay float32")
+    p.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto", help="bf16 autocast of the dense parts "
+                   "(auto: where CUDA has bf16); FFTs and kernels stay float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (complex FFT parts stay eager)")
-    p.add_argument("--data-dir", default="./data", help="where the dataset is or is downloaded to (Fashion-MNIST: "
-                   "without this flag, Debian's dataset-fashion-mnist folder is also searched)")
+    p.add_argument("--data-dir", default="./data", help="dataset folder (Fashion-MNIST: Debian's folder too, unless given)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<model>-<dataset>-s<seed>)")
-    p.add_argument("--max-steps", type=positive_int, default=None, help="stop (and save) after this many optimizer steps in total")
+    p.add_argument("--max-steps", type=positive_int, help="stop (and save) after this many optimizer steps in total")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     return p
 
 
 def parse_args(argv=None):
-    """The options, and the set of those given on the command line (not defaulted)."""
-    parser = build_parser()
+    """The options (a --preset's values replace the defaults), and the set of those given on the command line."""
+    parser, bare = build_parser(), build_parser()
     args = parser.parse_args(argv)
+    if args.preset:
+        parser.set_defaults(**PRESETS[args.preset]["all"], **PRESETS[args.preset][args.model])
+        args = parser.parse_args(argv)
     if args.out is None:
-        tags = [args.model, args.dataset] + ["nonoise"] * args.no_noise + ["gray"] * args.grayscale
+        tags = [args.model, args.dataset] + ["nonoise"] * args.no_noise + ["gray"] * args.grayscale + ["bi"] * args.bidirectional
         args.out = os.path.join("runs", "-".join(tags) + f"-s{args.seed}")
-    for action in parser._actions:
+    for action in bare._actions:
         action.default = argparse.SUPPRESS
-    return parser, args, set(vars(parser.parse_args(argv)))
+    return parser, args, set(vars(bare.parse_args(argv)))
 
 
 def code_version():
@@ -367,6 +379,10 @@ def resolve(parser, args, given):
     """Checks every flag; on --resume, the run folder's config with the flags that may change. -> (config, ckpt)."""
     if args.dt_min > args.dt_max:
         parser.error(f"--dt-min {args.dt_min} is larger than --dt-max {args.dt_max}")
+    if args.warmup_epochs >= args.epochs:
+        parser.error(f"--warmup-epochs {args.warmup_epochs} must be below --epochs {args.epochs}")
+    if args.circular and args.bidirectional:
+        parser.error("--circular and --bidirectional exclude each other (the bidirectional layer never wraps around)")
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -430,9 +446,9 @@ def setup(args, ckpt, device, n_train, C, L0):
     optimizer = make_optimizer(model, args, device)
     perm_gen = torch.Generator().manual_seed(args.seed)
     steps_per_epoch = n_train // args.batch_size
-    end = args.epochs * steps_per_epoch  # the schedule's last step
+    end, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch  # in steps
     state = {"epoch": 0, "step": 0, "global_step": 0, "perm": None, "sums": [0.0, 0], "history": [], "best": None,
-             "schedule": {"start": 0, "end": end, "factor": 1.0}}
+             "schedule": {"warmup": warmup, "start": warmup, "end": end, "factor": 1.0}}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -441,9 +457,10 @@ def setup(args, ckpt, device, n_train, C, L0):
         if device.type == "cuda" and ckpt["rng_cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
         state = ckpt["state"]
-        if end != state["schedule"]["end"]:  # --epochs extended: a new cosine from the current learning rate
-            step = state["global_step"]
-            state["schedule"] = {"start": step, "end": end, "factor": lr_factor(step, state["schedule"])}
+        schedule, step = state["schedule"], state["global_step"]
+        if end != schedule["end"] and step >= schedule["warmup"]:  # --epochs extended: a new cosine from here
+            schedule.update(start=step, factor=lr_factor(step, schedule))
+        schedule["end"] = end
         if ckpt["config"].get("code") != args.code:
             print(f"warning: this run was made by code {ckpt['config'].get('code')}; resuming with {args.code}")
         print(f"resumed from {os.path.join(args.out, 'last.pt')} at epoch {state['epoch'] + 1}, step {state['step']}/{steps_per_epoch}")
