@@ -1,30 +1,88 @@
-"""Draws the README's figures into figures/ (needs matplotlib: pip install matplotlib).
+"""Prints the results table from results/ and draws the README's figures into figures/.
 
-    python figures.py
+    python figures.py            # the table needs only the standard library; the figures need
+                                 # matplotlib (pip install matplotlib), a figures-only extra
 
+Table: one row per setting (task, dt), test accuracy at the best validation epoch, mean over the
+seeds and each seed, and seconds per epoch (mean over the epochs of the setting's runs).
+Figures:
 1. impulse_responses.png: |kernel| of a freshly initialized HOPE and S4D layer (128 channels,
    dt = 0.1, n = N = 64, float64) over 2048 steps: median and 10-90% band over the channels.
 2. hankel_singular_values.png: normalized Hankel singular values of random-h HOPE systems and of
    S4D-Lin systems, n = 64 (64-by-64 Hankel matrices from 127 Markov parameters).
-3. accuracy.png: validation accuracy per epoch of the runs in results/ (their metrics.jsonl).
+3. dt_sweep.png: the table's test accuracies against dt (log axis), trained-dt runs at the right.
+4. accuracy.png: validation accuracy per epoch of every run in results/.
 """
 import glob
 import json
 import os
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from hope import HOPE  # noqa: E402
-from s4d import S4D, init_A, s4d_kernel  # noqa: E402
+import statistics
 
 COLORS = {"hope": "tab:blue", "s4d": "tab:red"}
+LABELS = {"hope": "HOPE", "s4d": "S4D-Lin"}
+TASKS = ("noise-padded", "no noise")
 
 
-def impulse_responses(path, L=2048):
+def load_runs(results="results"):
+    """Every results/<run>/ with config.json and metrics.jsonl: its name, config, rows and best row.
+
+    The best row is the first epoch with the highest validation accuracy, as train_scifar.py picks it."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(results, "*", "metrics.jsonl"))):
+        folder = os.path.dirname(path)
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+        with open(path) as f:
+            rows = [json.loads(line) for line in f]
+        if config["model"] == "s4d" and config["s4d_init"] != "lin":
+            raise ValueError(f"{folder}: the table names S4D-Lin, but this run used init {config['s4d_init']}")
+        runs.append({"name": os.path.basename(folder), "config": config, "rows": rows,
+                     "best": max(rows, key=lambda r: r["val_acc"])})
+    return runs
+
+
+def setting(config):
+    """(task, dt): dt is the fixed value, or None where dt was trained."""
+    fixed = config["dt_min"] == config["dt_max"] and config["lr_dt"] == 0
+    return TASKS[config["no_noise"]], config["dt_min"] if fixed else None
+
+
+def grouped(runs):
+    """{(task, dt): {model: runs sorted by seed}}, settings in table order."""
+    groups = {}
+    for run in sorted(runs, key=lambda r: r["config"]["seed"]):
+        groups.setdefault(setting(run["config"]), {}).setdefault(run["config"]["model"], []).append(run)
+    order = sorted(groups, key=lambda k: (TASKS.index(k[0]), k[1] is None, k[1] or 0))
+    return {k: groups[k] for k in order}
+
+
+def dt_label(task, dt, runs):
+    if dt is not None:
+        return f"{dt:g}, fixed"
+    c = runs[0]["config"]
+    return f"trained (init log-uniform [{c['dt_min']:g}, {c['dt_max']:g}], lr {c['lr_dt']:g})"
+
+
+def table(runs):
+    """The README's results table (Markdown), from the runs' metrics."""
+    lines = ["| task | dt | HOPE, test % | S4D-Lin, test % | s / epoch, HOPE and S4D |", "| --- | --- | --- | --- | --- |"]
+    for (task, dt), models in grouped(runs).items():
+        cells, seconds = [], []
+        for model in ("hope", "s4d"):
+            accs = [100 * r["best"]["test_acc"] for r in models.get(model, [])]
+            each = f" ({', '.join(f'{a:.1f}' for a in accs)})" if len(accs) > 1 else ""
+            cells.append(f"{statistics.mean(accs):.1f}{each}" if accs else "-")
+            times = [row["seconds"] for r in models.get(model, []) for row in r["rows"]]
+            seconds.append(f"{statistics.mean(times):.0f}" if times else "-")
+        label = dt_label(task, dt, next(iter(models.values())))
+        lines.append(f"| {task} | {label} | {cells[0]} | {cells[1]} | {', '.join(seconds)} |")
+    return "\n".join(lines)
+
+
+def impulse_responses(plt, path, L=2048):
+    import torch
+    from hope import HOPE
+    from s4d import S4D
     torch.manual_seed(0)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, layer in (("hope", HOPE(128, 64, dt_min=0.1, dt_max=0.1)), ("s4d", S4D(128, 64, dt_min=0.1, dt_max=0.1))):
@@ -43,7 +101,9 @@ def impulse_responses(path, L=2048):
     fig.savefig(path, dpi=120)
 
 
-def hankel_singular_values(path, n=64, draws=20):
+def hankel_singular_values(plt, path, n=64, draws=20):
+    import torch
+    from s4d import init_A, s4d_kernel
     torch.manual_seed(0)
     idx = torch.arange(n)[:, None] + torch.arange(n)[None, :]  # (n, n)
     h = torch.cat([torch.randn(draws, n, dtype=torch.float64), torch.zeros(draws, n - 1, dtype=torch.float64)], -1)
@@ -65,23 +125,72 @@ def hankel_singular_values(path, n=64, draws=20):
     fig.savefig(path, dpi=120)
 
 
-def accuracy(path, results="results"):
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for run in sorted(glob.glob(os.path.join(results, "*", "metrics.jsonl"))):
-        name = os.path.basename(os.path.dirname(run))
-        rows = [json.loads(line) for line in open(run)]
-        ax.plot([r["epoch"] for r in rows], [r["val_acc"] for r in rows], marker="o",
-                color=COLORS[name.split("-")[0]], ls=":" if "nonoise" in name else "-", label=name)
+def dt_sweep(plt, path, runs):
+    """Test accuracy against fixed dt (a line through the seed means); trained dt at the right edge."""
+    groups = grouped(runs)
+    fixed = sorted({dt for _, dt in groups if dt is not None})
+    x_trained = fixed[-1] * 4  # one slot right of the largest fixed dt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for model in ("hope", "s4d"):
+        for task, fill in zip(TASKS, (COLORS[model], "none")):
+            style = dict(color=COLORS[model], markerfacecolor=fill, ls="-" if fill != "none" else ":")
+            xs, means = [], []
+            for (t, dt), models in groups.items():
+                accs = [100 * r["best"]["test_acc"] for r in models.get(model, [])] if t == task else []
+                if not accs:
+                    continue
+                x = x_trained if dt is None else dt
+                ax.plot([x] * len(accs), accs, marker="o" if dt is not None else "*", ms=5 if dt is not None else 10,
+                        ls="none", **{k: v for k, v in style.items() if k != "ls"})
+                if dt is not None:
+                    xs.append(dt)
+                    means.append(statistics.mean(accs))
+            if xs:
+                ax.plot(xs, means, lw=1, label=f"{LABELS[model]}, {task}", **style)
+    trained = next((models for (t, dt), models in groups.items() if dt is None), None)
+    if trained:
+        c = next(iter(trained.values()))[0]["config"]
+        ax.plot([], [], "*", color="gray", ms=10, label=f"dt trained: init log-uniform [{c['dt_min']:g}, {c['dt_max']:g}], lr {c['lr_dt']:g}")
+    ax.axvline(fixed[-1] * 2, color="gray", lw=0.5)
+    ax.set_xscale("log")
+    ax.set_xticks(fixed + [x_trained], [f"{d:g}" for d in fixed] + ["trained"])
+    ax.minorticks_off()
+    shapes = {(r["config"]["dataset"], r["config"]["n_layers"], r["config"]["d_model"], r["config"]["epochs"]) for r in runs}
+    title = "{}, {} x {}, {} epochs".format(*shapes.pop()) if len(shapes) == 1 else "mixed settings"
+    ax.set(xlabel="dt (fixed for both models)", ylabel="test accuracy, % (best val. epoch)", title=title)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def accuracy(plt, path, runs):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        rows, model = run["rows"], run["config"]["model"]
+        ax.plot([r["epoch"] for r in rows], [100 * r["val_acc"] for r in rows], marker="o", lw=0.8, alpha=0.7,
+                color=COLORS[model], ls=":" if run["config"]["no_noise"] else "-", label=run["name"])
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set(xlabel="epoch", ylabel="validation accuracy", title="Noise-padded (solid) and plain (dotted) sequential Fashion-MNIST")
-    ax.legend(fontsize=7)
+    ax.set(xlabel="epoch", ylabel="validation accuracy, %", title="Every run in results/ (dotted: no noise)")
+    ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
+    runs = load_runs()
+    print(table(runs))
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("matplotlib is not installed, so no figures were drawn: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     os.makedirs("figures", exist_ok=True)
-    impulse_responses("figures/impulse_responses.png")
-    hankel_singular_values("figures/hankel_singular_values.png")
-    accuracy("figures/accuracy.png")
-    print("wrote figures/impulse_responses.png, figures/hankel_singular_values.png, figures/accuracy.png")
+    impulse_responses(plt, "figures/impulse_responses.png")
+    hankel_singular_values(plt, "figures/hankel_singular_values.png")
+    names = ["impulse_responses", "hankel_singular_values"]
+    if runs:
+        dt_sweep(plt, "figures/dt_sweep.png", runs)
+        accuracy(plt, "figures/accuracy.png", runs)
+        names += ["dt_sweep", "accuracy"]
+    print("wrote " + ", ".join(f"figures/{n}.png" for n in names))
