@@ -3,7 +3,7 @@
     python figures.py            # the table needs only the standard library; the figures need
                                  # matplotlib (pip install matplotlib), a figures-only extra
 
-Table: one row per setting (task, dt), test accuracy at the best validation epoch, mean over the
+Table: one row per setting (task, dt fixed or how it was trained), test accuracy at the best validation epoch, mean over the
 seeds and each seed, and seconds per epoch (mean over the epochs of the setting's runs).
 Figures:
 1. impulse_responses.png: |kernel| of a freshly initialized HOPE and S4D layer (128 channels,
@@ -42,9 +42,10 @@ def load_runs(results="results"):
 
 
 def setting(config):
-    """(task, dt): dt is the fixed value, or None where dt was trained."""
-    fixed = config["dt_min"] == config["dt_max"] and config["lr_dt"] == 0
-    return TASKS[config["no_noise"]], config["dt_min"] if fixed else None
+    """(task, dt): dt is the fixed value (a float), or a description of how it was trained (a str)."""
+    if config["dt_min"] == config["dt_max"] and config["lr_dt"] == 0:
+        return TASKS[config["no_noise"]], config["dt_min"]
+    return TASKS[config["no_noise"]], f"trained (init log-uniform [{config['dt_min']:g}, {config['dt_max']:g}], lr {config['lr_dt']:g})"
 
 
 def grouped(runs):
@@ -52,15 +53,8 @@ def grouped(runs):
     groups = {}
     for run in sorted(runs, key=lambda r: r["config"]["seed"]):
         groups.setdefault(setting(run["config"]), {}).setdefault(run["config"]["model"], []).append(run)
-    order = sorted(groups, key=lambda k: (TASKS.index(k[0]), k[1] is None, k[1] or 0))
+    order = sorted(groups, key=lambda k: (TASKS.index(k[0]), isinstance(k[1], str), str(k[1]) if isinstance(k[1], str) else k[1]))
     return {k: groups[k] for k in order}
-
-
-def dt_label(task, dt, runs):
-    if dt is not None:
-        return f"{dt:g}, fixed"
-    c = runs[0]["config"]
-    return f"trained (init log-uniform [{c['dt_min']:g}, {c['dt_max']:g}], lr {c['lr_dt']:g})"
 
 
 def table(runs):
@@ -74,8 +68,7 @@ def table(runs):
             cells.append(f"{statistics.mean(accs):.1f}{each}" if accs else "-")
             times = [row["seconds"] for r in models.get(model, []) for row in r["rows"]]
             seconds.append(f"{statistics.mean(times):.0f}" if times else "-")
-        label = dt_label(task, dt, next(iter(models.values())))
-        lines.append(f"| {task} | {label} | {cells[0]} | {cells[1]} | {', '.join(seconds)} |")
+        lines.append(f"| {task} | {dt if isinstance(dt, str) else f'{dt:g}, fixed'} | {cells[0]} | {cells[1]} | {', '.join(seconds)} |")
     return "\n".join(lines)
 
 
@@ -128,7 +121,7 @@ def hankel_singular_values(plt, path, n=64, draws=20):
 def dt_sweep(plt, path, runs):
     """Test accuracy against fixed dt (a line through the seed means); trained dt at the right edge."""
     groups = grouped(runs)
-    fixed = sorted({dt for _, dt in groups if dt is not None})
+    fixed = sorted({dt for _, dt in groups if not isinstance(dt, str)})
     x_trained = fixed[-1] * 4  # one slot right of the largest fixed dt
     fig, ax = plt.subplots(figsize=(7, 4))
     for model in ("hope", "s4d"):
@@ -139,18 +132,16 @@ def dt_sweep(plt, path, runs):
                 accs = [100 * r["best"]["test_acc"] for r in models.get(model, [])] if t == task else []
                 if not accs:
                     continue
-                x = x_trained if dt is None else dt
-                ax.plot([x] * len(accs), accs, marker="o" if dt is not None else "*", ms=5 if dt is not None else 10,
-                        ls="none", **{k: v for k, v in style.items() if k != "ls"})
-                if dt is not None:
+                trained = isinstance(dt, str)
+                ax.plot([x_trained if trained else dt] * len(accs), accs, marker="*" if trained else "o",
+                        ms=10 if trained else 5, ls="none", **{k: v for k, v in style.items() if k != "ls"})
+                if not trained:
                     xs.append(dt)
                     means.append(statistics.mean(accs))
             if xs:
                 ax.plot(xs, means, lw=1, label=f"{LABELS[model]}, {task}", **style)
-    trained = next((models for (t, dt), models in groups.items() if dt is None), None)
-    if trained:
-        c = next(iter(trained.values()))[0]["config"]
-        ax.plot([], [], "*", color="gray", ms=10, label=f"dt trained: init log-uniform [{c['dt_min']:g}, {c['dt_max']:g}], lr {c['lr_dt']:g}")
+    for label in sorted({dt for _, dt in groups if isinstance(dt, str)}):
+        ax.plot([], [], "*", color="gray", ms=10, label=f"right: dt {label}")
     ax.axvline(fixed[-1] * 2, color="gray", lw=0.5)
     ax.set_xscale("log")
     ax.set_xticks(fixed + [x_trained], [f"{d:g}" for d in fixed] + ["trained"])
