@@ -111,102 +111,130 @@ def _check_positive(dt):
         raise ValueError(f"dt must be finite and > 0 (a sampling period), got min {dt.min().item():.3g}")
 
 
-def _warped_angle(dt, nfft):
-    """phi[:, k] = arg b(z_k) at the rfft nodes z_k = exp(2 pi i k / nfft); (H, nfft//2 + 1).
+def _nodes(nfft, groups, like):
+    """theta (groups, N): the rfft nodes 2 pi k / nfft, k = 0 .. groups N - 1, node k in row k mod groups.
 
-    b = 1/omega' has |b| = 1 and arg b = -theta - 2 atan2(a sin theta, 1 - a cos theta), so the warped
-    node of step 3 is omega' = exp(-i phi). No singularity, unlike steps 2-3 of algorithm1. The
-    denominator is computed as (1 - a) + 2 a sin^2(theta/2) with 1 - a = 2 dt / (1 + dt): written as
-    1 - a cos theta it would lose every digit of a small dt near theta = 0 in float32.
+    groups = 2 splits the nodes into even and odd k (the exact kernel treats them differently).
+    N = nfft // (2 groups) + 1 covers k = 0 .. nfft / 2, with at most one node to spare.
     """
-    theta = torch.arange(nfft // 2 + 1, dtype=dt.dtype, device=dt.device) * (2 * math.pi / nfft)
-    dt = dt[:, None]  # (H, 1)
-    a = (1 - dt) / (1 + dt)
-    return -theta - 2 * torch.atan2(a * torch.sin(theta), 2 * dt / (1 + dt) + 2 * a * torch.sin(theta / 2) ** 2)
+    N = nfft // (2 * groups) + 1
+    k = torch.arange(groups * N, dtype=like.dtype, device=like.device).view(N, groups).T.contiguous()  # (G, N)
+    return k * (2 * math.pi / nfft)
 
 
-def _powers(x, count):
-    """x^0, ..., x^(count-1) stacked along a new first dim, (count, *x.shape), by doubling.
+def _warp(log_dt, theta):
+    """psi = arg omega' at the nodes omega = exp(i theta), and a: log_dt (H,), theta (G, N) -> (H, G, N), (H, 1, 1).
 
-    log2(count) batched products written into one preallocated table (only called where autograd is
-    off: inside the custom Functions). A cumprod would do the same work, but complex cumprod is a
-    slow scan on CUDA (1.7 ms for one kernel's table on an H100).
+    The warped node of step 3 is omega' = exp(i psi) with psi = theta + 2 atan2(a sin theta, 1 - a cos theta);
+    no singularity, unlike steps 2-3 of algorithm1. 1 - a cos theta is computed as (1 - a) + 2 a sin^2(theta/2)
+    with 1 - a = 2 sigmoid(log dt) and a = tanh(-log dt / 2): written as it stands it would lose every digit
+    of a small dt near theta = 0 in float32.
     """
-    p = x.new_empty(count, *x.shape)
-    p[0] = 1
-    m = 1
-    while m < count:
-        k = min(m, count - m)
-        torch.mul(p[:k], p[m - 1] * x, out=p[m:m + k])  # x^(m..m+k-1) = x^(0..k-1) x^m
-        m += k
-    return p
+    sin, versin = torch.sin(theta), 2 * torch.sin(theta / 2) ** 2  # (G, N): sin theta, 1 - cos theta
+    one_minus_a, a = 2 * torch.sigmoid(log_dt)[:, None, None], torch.tanh(-log_dt / 2)[:, None, None]  # (H, 1, 1)
+    y, x = a * sin, torch.addcmul(one_minus_a, a, versin)  # (H, G, N): a sin theta, 1 - a cos theta
+    return torch.add(theta, torch.atan2(y, x), alpha=2), a
 
 
-def _basis(phi, m):
-    """For a polynomial of m coefficients in b = exp(i phi): c ~ sqrt(m), J, b^0..b^(c-1) (c, H, nodes), beta = b^c.
+def _tail_series(h, log_dt, L, length):
+    """[0, E, 0 ..] (H, length + 1), E_j = sum_{i>=j} h_i Q_{i-j}, Q = the power series of w^(L-1) / (1 + a x),
+    w = (a + x) / (1 + a x).
 
-    Block size c = ceil(sqrt(m)) and block count J = ceil(m / c), so c J >= m. b from cos and sin:
-    they are vectorized on CPU, torch.polar is 4x slower there.
+    E_j is the coefficient of x^-j in hhat(x) Q(x), hhat(x) = sum_i h_i x^-i, and Q is analytic on |x| < 1/|a|.
+    So sample both at M = 8n points of the circle |x| = rho < 1 and read the coefficients off one inverse FFT
+    (real input: rfft and irfft, half the points): no loop over L. Terms M apart alias, with relative size
+    rho^M = 1e-16; rounding grows by rho^-n = 100: all of it in float64 (w^(L-1) needs it), ending near 1e-14.
+    Returns E and what the adjoint (_tail_series_adjoint) needs.
     """
-    c = math.isqrt(m - 1) + 1
-    J = -(-m // c)
-    b = torch.complex(torch.cos(phi), torch.sin(phi))
-    powers = _powers(b, c)
-    return c, J, powers, powers[-1] * b
+    n = h.shape[1]
+    M, rho = 8 * n, 10 ** (-2 / n)
+    scale = rho ** torch.arange(n, dtype=torch.float64, device=h.device)  # rho^i
+    x = torch.polar(torch.full((M // 2 + 1,), rho, dtype=torch.float64, device=h.device),
+                    torch.arange(M // 2 + 1, dtype=torch.float64, device=h.device) * (2 * math.pi / M))  # (M/2 + 1,)
+    a = torch.tanh(log_dt.double() / -2)[:, None]  # (H, 1)
+    ax = a * x + 1  # (H, M/2 + 1)
+    w = (a + x) / ax
+    wN = w ** max(L - 2, 0)  # w^(L-2): the derivative's part (w^(L-1) / w would divide by w, which may be 0)
+    Q = (wN * w if L > 1 else 1) / ax
+    hhat = torch.fft.rfft(h.double() / scale, n=M)  # hhat(x_l) = sum_i h_i rho^-i exp(-2 pi i i l / M)
+    E = torch.fft.irfft(hhat * Q, n=M)[:, :n] * scale  # (H, n)
+    return F.pad(E.to(h.dtype), (1, length - n)), (L, a, x, ax, wN, Q, hhat, scale)  # [0, E, 0 ..]
 
 
-def _poly(coef, basis):
-    """P[:, k] = sum_m coef[:, m] b_k^m: real (H, m) -> complex (H, nodes).
-
-    Split m = c j + r (c ~ sqrt(m) powers per block, J blocks): b^m = b^r beta^j with beta = b^c, so
-    P = S_0 + beta (S_1 + beta (S_2 + ...)) with S_j = sum_r coef_{cj+r} b^r: all J inner sums from one
-    batched matmul, then Horner's rule. Only c powers of b exist at a time: O(H nodes sqrt(m)) memory
-    instead of the O(H nodes m) of the literal form.
-    """
-    (H, m), (c, J, powers, beta) = coef.shape, basis
-    blocks = F.pad(coef, (0, c * J - m)).view(H, J, c).to(beta.dtype)  # (H, J, c): coef_{cj+r}
-    S = blocks @ powers.transpose(0, 1)  # (H, J, c) @ (H, c, nodes) -> (H, J, nodes)
-    P = S[:, J - 1]
-    for j in range(J - 2, -1, -1):
-        P = torch.addcmul(S[:, j], P, beta)  # S_j + P beta
-    return P
+def _tail_series_adjoint(dE, L, a, x, ax, wN, Q, hhat, scale):
+    """dh (H, n) and da (H,) of sum_j dE_j E_j: h -> E correlates with Q, so dh correlates dE with conj(Q); da
+    pairs dE with E computed from dQ/da, pointwise on the circle:
+        dQ/da = w^(L-2) (L (1 - x^2) - (1 + a x)) / (1 + a x)^3    (L >= 2),    -x / (1 + a x)^2   (L = 1)."""
+    n, M = scale.shape[0], 2 * (x.shape[0] - 1)
+    u = dE[:, :n].double() * scale  # (H, n)
+    dh = torch.fft.irfft(torch.fft.rfft(u, n=M) * Q.conj(), n=M)[:, :n] / scale  # (H, n)
+    dQ = wN * (L * (1 - x * x) - ax) / ax ** 3 if L > 1 else -x / ax ** 2
+    da = (torch.fft.irfft(hhat * dQ, n=M)[:, :n] * u).sum(1)  # (H,)
+    return dh.to(dE.dtype), da.to(dE.dtype)
 
 
-def _poly_adjoint(grad, basis, m):
-    """dcoef[:, cj + r] = Re sum_k conj(grad[:, k]) b_k^r beta_k^j: the transpose of _poly; -> (H, m)."""
-    c, J, powers, beta = basis
-    T = _powers(beta, J).mul_(grad.conj())  # (J, H, nodes): conj(grad) beta^j
-    dcoef = (T.transpose(0, 1) @ powers.permute(1, 2, 0)).real  # (H, J, nodes) @ (H, nodes, c) -> (H, J, c)
-    return dcoef.reshape(len(grad), c * J)[:, :m]
+class _Spectrum(torch.autograd.Function):
+    """The HOPE spectra as sums of all-pass powers: P[h, g, k] = sum_m coef[h, g, m] b_k^m at the warped nodes.
 
-
-class _PolyFn(torch.autograd.Function):
-    """P = sum_m coef_m exp(i m phi) with an analytic backward that saves only coef and phi.
-
-    Autograd through the Horner loop would keep every intermediate. The backward instead uses,
-    for a real loss and PyTorch's convention dLoss/dx = Re(conj(grad) dP/dx) for real x:
-        dP/dcoef_m = b^m                     -> dcoef_m = Re sum_k conj(grad_k) b_k^m
-        dP/dphi = i sum_m m coef_m b^m       -> dphi    = Re(conj(grad) i P'),  P' = P with coef_m -> m coef_m
-    so the backward is one more _poly and its transpose, sharing one table of powers: O(H nodes
-    sqrt(m)) memory, like the forward. dphi flows on to dt through _warped_angle by ordinary autograd.
+    circular (nfft = L): G(z_k) = sum_m g_m b_k^m with g = [0, h], at the L//2 + 1 rfft nodes of length L.
+    causal (nfft = 2L): K_L(z_k) = sum_m (g_m - (-1)^k q_m) b_k^m, the exact kernel's spectrum at the 2L nodes
+        (module docstring), even and odd nodes as two groups with their own coefficients.
+    Split m = c j + r (c ~ sqrt(n) powers per block, J blocks): b^m = b^r beta^j with beta = b^c, so
+        P = sum_j beta^j S_j,   S_j = sum_r coef_{cj+r} b^r,
+    all J inner sums in one batched matmul, then one product with the powers of beta and one sum. The c + J
+    powers come from one table of angles (a cos and a sin, no loop): O(H N sqrt(n)) memory, not the
+    O(H N n) of the literal form. The backward, for a real loss and PyTorch's convention
+    dLoss/dx = Re(conj(grad) dP/dx) for real x, is the transposed evaluation dcoef_m = Re sum_k conj(grad_k) b_k^m
+    (one matmul of T = conj(grad) beta^j with the table of b^r that the forward saved), and da follows from
+    dcoef alone because db/da is a polynomial in b (see backward); then the tail's adjoint. No autograd graph
+    inside: one forward, one backward. Takes log dt, the layer's parameter.
     """
 
     @staticmethod
-    def forward(ctx, coef, phi):
-        ctx.save_for_backward(coef, phi)
-        return _poly(coef, _basis(phi, coef.shape[1]))
+    def forward(ctx, h, log_dt, nfft, causal):
+        H, n = h.shape
+        G, c = 1 + causal, math.isqrt(n + 1) + 1  # c ~ sqrt(n) powers per block
+        J = -(-(n + 2) // c)  # J blocks, c J >= n + 2: b^0 .. b^(n+1), one more than P has (see backward)
+        psi, a = _warp(log_dt, _nodes(nfft, G, h))  # (H, G, N), (H, 1, 1)
+        N = psi.shape[2]
+        steps = torch.cat([torch.arange(0, -c, -1, dtype=h.dtype, device=h.device),
+                           torch.arange(0, -c * J, -c, dtype=h.dtype, device=h.device)])  # b^r, beta^j = b^(cj)
+        angles = psi.view(H * G, 1, N) * steps[:, None]  # (HG, c + J, N): b = exp(-i psi)
+        table = torch.empty(angles.shape, dtype=h.dtype.to_complex(), device=h.device)
+        torch.cos(angles, out=table.real)
+        torch.sin(angles, out=table.imag)
+        b_r, beta_j = table[:, :c], table[:, c:]  # (HG, c, N), (HG, J, N)
+        coef = F.pad(h, (1, c * J - n - 1))[:, None]  # (H, 1, cJ): g = [0, h, 0 ..]
+        ctx.tail = ()
+        if causal:
+            E, ctx.tail = _tail_series(h, log_dt, nfft // 2, c * J)  # (H, cJ + 1): [0, E, 0 ..]
+            ctx.E = E[:, :-1]  # E_(j-1)
+            q = torch.addcmul(E[:, 1:], a[:, 0], ctx.E)  # (H, cJ): q_j = E_j + a E_(j-1)
+            coef = torch.addcmul(coef, torch.arange(-1, 2, 2, dtype=h.dtype, device=h.device)[:, None], q[:, None])  # (H, 2, cJ): g -/+ q
+        ctx.save_for_backward(coef, a, b_r, beta_j)
+        ctx.n = n
+        S = coef.view(H * G, J, c) @ torch.view_as_real(b_r).view(H * G, c, 2 * N)  # (HG, J, 2N): Re, Im interleaved
+        P = torch.view_as_complex(S.view(H * G, J, N, 2)).mul_(beta_j).sum(1)  # (HG, N)
+        return P.view(H, G, N).transpose(1, 2).reshape(H, G * N)[:, :nfft // 2 + 1]  # (H, nfft//2 + 1): in order
 
     @staticmethod
     def backward(ctx, grad):
-        coef, phi = ctx.saved_tensors
-        m = coef.shape[1]
-        basis = _basis(phi, m)
-        dcoef = _poly_adjoint(grad, basis, m) if ctx.needs_input_grad[0] else None
-        dphi = None
-        if ctx.needs_input_grad[1]:
-            index = torch.arange(m, dtype=coef.dtype, device=coef.device)
-            dphi = (grad.conj() * 1j * _poly(coef * index, basis)).real
-        return dcoef, dphi
+        coef, a, b_r, beta_j = ctx.saved_tensors
+        (H, G, cJ), N = coef.shape, b_r.shape[2]
+        grad = F.pad(grad, (0, G * N - grad.shape[1])).view(H, N, G).transpose(1, 2)  # (H, G, N): node groups
+        T = (beta_j.view(H, G, -1, N) * grad.conj()[:, :, None]).view(H * G, -1, N)  # (HG, J, N): conj(grad) beta^j
+        dcoef = (T @ b_r.mT).real.reshape(H, G, cJ)  # (HG, J, N) @ (HG, N, c) -> (H, G, cJ)
+        # db/da = (b^2 - 1) / (1 - a^2), so dP/da = sum_m d_m b^m / (1 - a^2), d_m = (m-1) c_(m-1) - (m+1) c_(m+1):
+        # dLoss/da pairs d with dcoef, and da/dlog_dt = -(1 - a^2) / 2 cancels the division.
+        mc = F.pad(coef * torch.arange(0, -cJ / 2, -0.5, dtype=coef.dtype, device=coef.device), (1, 1))  # -m c_m / 2
+        dlog_dt = ((mc[..., :-2] - mc[..., 2:]) * dcoef).sum((1, 2))
+        dh = dcoef.sum(1)[:, 1:ctx.n + 1]  # g = [0, h, 0 ..]
+        if ctx.tail:
+            dq = dcoef[:, 1] - dcoef[:, 0]  # coef = g -/+ q
+            dh_tail, da_tail = _tail_series_adjoint(torch.addcmul(dq[:, :-1], a[:, 0], dq[:, 1:]), *ctx.tail)
+            dh = dh + dh_tail
+            dlog_dt = torch.addcmul(dlog_dt, da_tail + (dq * ctx.E).sum(1), (a[:, 0, 0] ** 2 - 1) / 2)
+        return dh, dlog_dt, None, None
 
 
 def hope_transfer(h, dt, nfft):
@@ -214,65 +242,7 @@ def hope_transfer(h, dt, nfft):
 
     The circular mode's spectrum (Algorithm 1). No input checks (called every step by the layer).
     """
-    return _PolyFn.apply(F.pad(h, (1, 0)), _warped_angle(dt, nfft))  # coefficients of b^0 .. b^n
-
-
-def _series_mul(p, q):
-    """First n coefficients of the product of power series given by their first n, (..., n); broadcasts."""
-    n = p.shape[-1]
-    return torch.fft.irfft(torch.fft.rfft(p, 2 * n) * torch.fft.rfft(q, 2 * n), 2 * n)[..., :n]  # 2n: no wrap-around
-
-
-def _shift(p, k):
-    """x^k p(x), first n coefficients."""
-    return F.pad(p, (k, 0))[..., :p.shape[-1]]
-
-
-class _TailSeriesFn(torch.autograd.Function):
-    """Q = (a + x)^(L-1) / (1 + a x)^L, first n coefficients, (H, n), a = (1 - dt)/(1 + dt); dQ/ddt analytic.
-
-    With r = 1/(1 + a x) = sum_k (-a)^k x^k and f = (a + x) r, whose coefficients are a, then
-    (1 - a^2)(-a)^(k-1) with 1 - a^2 = 4 dt/(1 + dt)^2: Q = f^N r with N = L - 1, by repeated squaring
-    (log2 L steps; every coefficient of every power of f is at most 1 in magnitude). Autograd through
-    the squarings would record ~6 log2 L operations; since df/da = (1 - x^2) r^2 and dr/da = -x r^2,
-        dQ/da = N (1 - x^2) r^2 f^(N-1) r - x r Q,
-    a few products of series that the forward already has (it keeps f^(N-1) r on the way to Q).
-    """
-
-    @staticmethod
-    def forward(ctx, dt, L, n):
-        dt = dt[:, None]  # (H, 1)
-        a = (1 - dt) / (1 + dt)
-        r = _powers(-a[:, 0], n).T  # (H, n)
-        f = torch.cat([a, 4 * dt / (1 + dt) ** 2 * r[:, :-1]], 1)  # (H, n)
-        pair, e = torch.stack([r, f]), max(L - 2, 0)  # (2, H, n): f^(N-1) r so far, f^(2^i)
-        while e:  # one FFT of both series serves both products
-            X = torch.fft.rfft(pair, 2 * n)  # (2, H, n + 1)
-            products = torch.fft.irfft(X * X[1], 2 * n)[..., :n]  # (2, H, n): times f^(2^i), f^(2^(i+1))
-            pair = products if e & 1 else torch.stack([pair[0], products[1]])
-            e >>= 1
-        Q = _series_mul(pair[0], f) if L > 1 else r
-        ctx.save_for_backward(dt, r, pair[0], Q)
-        ctx.N = L - 1
-        return Q
-
-    @staticmethod
-    def backward(ctx, grad):
-        dt, r, F1, Q = ctx.saved_tensors
-        dQ_da = -_shift(_series_mul(r, Q), 1)
-        if ctx.N:
-            r2F1 = _series_mul(_series_mul(r, r), F1)
-            dQ_da = dQ_da + ctx.N * (r2F1 - _shift(r2F1, 2))
-        return (grad * dQ_da).sum(1) * (-2 / (1 + dt[:, 0]) ** 2), None, None  # da/ddt = -2/(1 + dt)^2
-
-
-def _tail(h, dt, L):
-    """q (H, n + 1) such that the kernel's tail sum_t k[L + t] z^-t equals sum_j q_j b(z)^j (module docstring)."""
-    n = h.shape[1]
-    Q = _TailSeriesFn.apply(dt, L, n)  # (H, n)
-    E = torch.fft.irfft(torch.fft.rfft(h, 2 * n) * torch.fft.rfft(Q, 2 * n).conj(), 2 * n)[:, :n]  # sum_i h_i Q_(i-j)
-    a = ((1 - dt) / (1 + dt))[:, None]
-    return F.pad(E, (0, 1)) + a * F.pad(E, (1, 0))  # (H, n + 1): q_j = E_j + a E_(j-1)
+    return _Spectrum.apply(h, dt.log(), nfft, False)
 
 
 def hope_kernel_spectrum(h, dt, L):
@@ -282,13 +252,7 @@ def hope_kernel_spectrum(h, dt, L):
     one polynomial evaluation, even nodes and odd nodes batched with their own coefficients.
     No input checks (called every step by the layer); hope_kernel is the checked public entry.
     """
-    H, n = h.shape
-    g, q = F.pad(h, (1, 0)), _tail(h, dt, L)  # (H, n + 1) each: G and R as polynomials in b
-    coef = torch.stack([g - q, g + q], 1).view(2 * H, n + 1)  # even nodes (z^-L = 1), odd nodes (z^-L = -1)
-    phi = F.pad(_warped_angle(dt, 2 * L), (0, (L + 1) % 2))  # (H, 2 N2): one unused node if L + 1 is odd
-    phi = phi.view(H, -1, 2).transpose(1, 2).reshape(2 * H, -1)  # (2H, N2): the even nodes, then the odd ones
-    K = _PolyFn.apply(coef, phi)  # (2H, N2)
-    return K.view(H, 2, -1).transpose(1, 2).reshape(H, -1)[:, :L + 1]  # (H, L + 1): nodes back in order
+    return _Spectrum.apply(h, dt.log(), 2 * L, True)
 
 
 def hope_kernel(h, dt, L):
@@ -362,7 +326,7 @@ class HOPE(nn.Module):
 
     def kernel(self, L):
         """Causal kernels (H, L) of the current parameters; bidirectional: (2H, L), rows H.. are k_bwd."""
-        return hope_kernel(self.h, self.log_dt.exp(), L)
+        return torch.fft.irfft(_Spectrum.apply(self.h, self.log_dt, 2 * L, True), n=2 * L)[:, :L]
 
     def forward(self, u):
         if not self.transposed:
@@ -375,12 +339,11 @@ class HOPE(nn.Module):
                              "use torch.autocast for mixed precision: the FFTs and the kernel need float32")
         u = u.to(torch.promote_types(u.dtype, torch.float32))  # torch.fft takes no bf16 (autocast may pass one)
         L = u.shape[-1]
-        dt = self.log_dt.exp()
         if self.circular:
-            G = hope_transfer(self.h, dt, L)  # (H, L//2 + 1)
+            G = _Spectrum.apply(self.h, self.log_dt, L, False)  # (H, L//2 + 1): hope_transfer
             y = torch.fft.irfft(torch.fft.rfft(u, n=L) * G, n=L)  # (B, H, L)
         else:
-            K = hope_kernel_spectrum(self.h, dt, L)  # (H, L + 1), or (2H, L + 1)
+            K = _Spectrum.apply(self.h, self.log_dt, 2 * L, True)  # (H, L + 1), or (2H, L + 1): hope_kernel_spectrum
             K = two_sided(K, L) if self.bidirectional else K  # (H, L + 1)
             y = torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * K, n=2 * L)[..., :L]  # (B, H, L)
         y = self._block(y, u)
@@ -391,15 +354,18 @@ class HOPE(nn.Module):
         return self.output_linear(y)  # (B, H, L)
 
     def default_state(self, batch):
-        """Zero state (B, H, n + 1): the previous input of the cascade and the n section outputs."""
+        """Zero state (B, H, n + 1): z_m = (b^m u)[t - 1], the last input and the n cascaded all-pass outputs."""
         return self.h.new_zeros(batch, self.H, self.n + 1)
 
     def step(self, u_t, state):
         """One time step of the causal mode: u_t (B, H), state (B, H, n + 1) -> y_t (B, H), state.
 
-        The kernel's system as a cascade of n first-order all-pass sections b(z), each
-        x_out[t] = a x_out[t-1] + x_in[t-1] - a x_in[t]; the output is sum_i h_i (section i's
-        output) + D u. O(n) work per step and channel.
+        The state z_m = (b^m u)[t - 1], m = 0..n, holds the input passed through m all-pass sections
+        b(z) = (z^-1 - a) / (1 - a z^-1), and y = sum_i h_i (b^(i+1) u)[t] + D u (the kernel's system).
+        Section m obeys z'_m + a z'_(m-1) = z_(m-1) + a z_m (primes: time t), i.e. (I + a S) z' = v with S
+        the shift and v = [u_t, z_(m-1) + a z_m]. Its inverse M = (I + a S)^-1 is lower-triangular Toeplitz
+        with entries (-a)^(i-j), so z' = M v: one batched matrix product per step instead of n dependent
+        updates (O(n^2) work per channel, a handful of operations).
         """
         if self.circular or self.bidirectional:
             mode = "circular" if self.circular else "bidirectional"
@@ -408,12 +374,11 @@ class HOPE(nn.Module):
         if u_t.ndim != 2 or u_t.shape[1] != self.H or state.shape != (u_t.shape[0], self.H, self.n + 1):
             raise ValueError(f"step expects u_t (B, {self.H}) and state (B, {self.H}, {self.n + 1}) "
                              f"from default_state(B), got {tuple(u_t.shape)} and {tuple(state.shape)}")
-        dt = self.log_dt.exp()
-        a = (1 - dt) / (1 + dt)  # (H,)
-        x, outs = u_t, []
-        for i in range(self.n):
-            x = a * state[..., i + 1] + state[..., i] - a * x  # section i: (B, H)
-            outs.append(x)
-        state = torch.stack([u_t] + outs, dim=-1)  # (B, H, n + 1)
+        a = torch.tanh(-self.log_dt / 2)[:, None]  # (H, 1): (1 - dt) / (1 + dt)
+        v = torch.cat([u_t[..., None], torch.addcmul(state[..., :-1], a, state[..., 1:])], -1)  # (B, H, n + 1)
+        lag = torch.arange(self.n + 1, device=u_t.device)
+        lag = lag[:, None] - lag  # (n + 1, n + 1): i - j
+        M = torch.pow(-a[..., None], lag.clamp(min=0)).tril()  # (H, n + 1, n + 1): (-a)^(i-j) for i >= j
+        state = torch.einsum("hij,bhj->bhi", M, v)  # (B, H, n + 1)
         y = (state[..., 1:] * self.h).sum(-1)  # (B, H)
         return self._block(y[..., None], u_t[..., None])[..., 0], state
