@@ -2,6 +2,7 @@
 
     python bench.py                  # full sizes: H = 128, L = 2048, 4 x 128 model
     python bench.py --json out.json  # the same, also written as JSON
+    python bench.py --compile        # adds torch.compile rows (layers and training step)
 
 Each figure: warm-up runs, then the median of several timed runs of forward + backward, taken
 round-robin within the kernel, layer and step groups (a slow phase of the machine hits all alike). Peak
@@ -9,12 +10,21 @@ memory: torch.cuda.max_memory_allocated on CUDA; on CPU (Linux) the peak residen
 child process during one run, above its size before (after a warm-up run; glibc's mmap
 threshold pinned so that freed blocks are returned): every byte the run touches. All models come from hope.py, s4d.py and train_scifar.py.
 
+Launches: the number of aten operations one run dispatches (forward + backward), counted on the CPU with
+a TorchDispatchMode that tallies every operation except views (which only relabel memory). In eager
+PyTorch each of them is one GPU kernel launch (~10-30 us on an H100 once Python and autograd are paid),
+so the count is a device-independent figure for launch-bound sizes; compiled rows are not counted.
+
 Kernel rows (H = 128, L = 2048, h and dt both get gradients): hope = the exact causal kernel's
 spectrum at the 2L nodes, what the causal layer uses; G2L = the plain transfer function G at the
 same nodes (the circular mode's evaluation, the exact kernel's lower bound); literal = Algorithm 1's
 steps 1-4 as one (H, L, n) complex tensor, then iFFT (the authors' form); s4d = S4D's kernel.
+Layer rows: one layer (d_state 64), forward + backward. recurrent-1000 rows: 1,000 step() calls (the
+first 1,000 outputs one at a time, no gradients) next to forward-1000, one forward pass over the same
+1,000 samples. Step rows: one training step of the 4 x 128 model (forward, backward, AdamW).
 """
 import argparse
+import collections
 import json
 import math
 import os
@@ -26,6 +36,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_scifar
 from hope import HOPE, hope_kernel_spectrum, hope_transfer
@@ -48,6 +59,27 @@ def literal_kernel(h, dt, L):
     return torch.fft.ifft(torch.einsum("hln,hn->hl", powers, h.to(powers.dtype))).real
 
 
+class LaunchCount(TorchDispatchMode):
+    """Counts every aten operation dispatched inside it, views excepted (they launch nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ != "_unsafe_view":
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def launches(fn):
+    """Operations of one run of fn (after a warm-up run, so one-time setup is not counted)."""
+    fn()
+    with LaunchCount() as count:
+        fn()
+    return sum(count.ops.values())
+
+
 def case(name, device, batch):
     """A zero-argument function running one forward + backward of the named case."""
     torch.manual_seed(0)
@@ -61,10 +93,23 @@ def case(name, device, batch):
         if kind == "G2L":  # plain G at the same 2L nodes (the circular mode's evaluation): the exact kernel's floor
             return lambda: torch.view_as_real(hope_transfer(layer.h, layer.log_dt.exp(), 2 * L)).square().sum().backward()
         return lambda: layer.kernel(L).square().sum().backward()
-    if name.startswith("layer-"):
-        layer = (HOPE if name == "layer-hope" else S4D)(H, 64).to(device)
+    if name.startswith("layer-"):  # layer-<hope|s4d>[-compile]
+        layer = (HOPE if name.startswith("layer-hope") else S4D)(H, 64).to(device)
         u = torch.randn(batch, H, L, device=device, requires_grad=True)
-        return lambda: layer(u).square().mean().backward()
+        forward = torch.compile(layer, fullgraph=True) if name.endswith("-compile") else layer
+        return lambda: forward(u).square().mean().backward()
+    if name.startswith(("recurrent-", "forward-")):  # <recurrent|forward>-1000-<hope|s4d>: inference, no gradients
+        layer = (HOPE if name.endswith("hope") else S4D)(H, 64).to(device).eval()
+        u = torch.randn(batch, H, 1000, device=device)
+
+        @torch.no_grad()
+        def run():
+            if name.startswith("forward"):
+                return layer(u)
+            state = layer.default_state(batch)
+            for t in range(1000):
+                _, state = layer.step(u[..., t], state)
+        return run
     model_name, variant = name.split("-")[1:]  # step-<model>-<fp32|bf16|compile>
     amp = variant == "bf16"
     _, args, _ = train_scifar.parse_args(["--model", model_name, "--device", str(device)])
@@ -86,6 +131,15 @@ def case(name, device, batch):
         loss.backward()
         optimizer.step()
     return step
+
+
+def cpu_model():
+    """The processor's model name (Linux: /proc/cpuinfo), else what platform reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def sync(device):
@@ -148,7 +202,7 @@ def main():
     p.add_argument("--batch", type=int, default=None, help="batch for the layer and step rows (default: 64 on CUDA, 8 on CPU)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per figure (default: 20 on CUDA, 9 on CPU)")
     p.add_argument("--json", default=None, help="also write the results to this file")
-    p.add_argument("--compile", action="store_true", help="add torch.compile rows for the training step (slow to compile)")
+    p.add_argument("--compile", action="store_true", help="add torch.compile rows for the layers and the training step (slow to compile)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -157,32 +211,36 @@ def main():
     cuda = device.type == "cuda"
     batch = args.batch or (64 if cuda else 8)
     reps = args.reps or (20 if cuda else 9)
-    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU: {cpu_model()}, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; float32 weights, FFTs in float32; TF32 matmuls "
           f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'} (PyTorch's default, as train_scifar.py); "
           f"bf16 rows: autocast for the dense parts; median of {reps} runs after warm-up")
     print(f"kernel rows: H = {H}, L = {L}; layer and step rows: batch {batch}, L = {L}, d_model {H}"
           f"{'' if batch == 64 else ' (the paper trains at batch 64; smaller here to fit a CPU session)'}\n")
     rows = {}
-    names = ["kernel-hope-n64", "kernel-hope-n128", "kernel-G2L-n64", "kernel-G2L-n128", "kernel-literal-n64",
-             "kernel-literal-n128", "kernel-s4d-n64",
-             "layer-hope", "layer-s4d", "step-hope-fp32", "step-s4d-fp32", "step-hope-bf16", "step-s4d-bf16"]
-    names += ["step-hope-compile", "step-s4d-compile"] if args.compile else []
-    print(f"{'case (forward + backward)':28s} {'ms':>10s} {'peak MiB':>10s} {'samples/s':>10s} {'s/epoch (45k)':>14s}")
+    compiled = ["layer-hope-compile", "layer-s4d-compile", "step-hope-compile", "step-s4d-compile"] if args.compile else []
+    groups = {  # each group timed round-robin
+        "kernel": ["kernel-hope-n64", "kernel-hope-n128", "kernel-G2L-n64", "kernel-G2L-n128", "kernel-literal-n64",
+                   "kernel-literal-n128", "kernel-s4d-n64"],
+        "layer": ["layer-hope", "layer-s4d"] + compiled[:2],
+        "recurrent": ["recurrent-1000-hope", "recurrent-1000-s4d", "forward-1000-hope", "forward-1000-s4d"],
+        "step": ["step-hope-fp32", "step-s4d-fp32", "step-hope-bf16", "step-s4d-bf16"] + compiled[2:]}
+    names = [name for group in groups.values() for name in group]
+    print(f"{'case':28s} {'ms':>10s} {'launches':>9s} {'peak MiB':>10s} {'samples/s':>10s} {'s/epoch (45k)':>14s}")
     ms = {}
-    for prefix in ("kernel", "layer", "step"):  # each group timed round-robin
-        group = [name for name in names if name.startswith(prefix)]
+    for group in groups.values():
         ms.update(time_ms({name: case(name, device, batch) for name in group}, device, 2 if not cuda else 5, reps))
     for case_name in names:
         mb = peak_mb(case_name, device, batch)
-        row = {"ms": ms[case_name], "peak_mib": mb}
+        count = None if case_name in compiled else launches(case(case_name, device, batch))
+        row = {"ms": ms[case_name], "launches": count, "peak_mib": mb}
         extra = ""
         if case_name.startswith("step"):
             row["samples_per_s"] = batch * 1e3 / row["ms"]
             row["epoch_s"] = 45000 / row["samples_per_s"]
             extra = f"{row['samples_per_s']:10.0f} {row['epoch_s']:14.1f}"
         rows[case_name] = row
-        print(f"{case_name:28s} {row['ms']:10.2f} {mb:10.1f} {extra}", flush=True)
+        print(f"{case_name:28s} {row['ms']:10.2f} {'-' if count is None else count:>9} {mb:10.1f} {extra}", flush=True)
     ratios = {
         "exact/G2L time, n=64": rows["kernel-hope-n64"]["ms"] / rows["kernel-G2L-n64"]["ms"],
         "exact/G2L time, n=128": rows["kernel-hope-n128"]["ms"] / rows["kernel-G2L-n128"]["ms"],
@@ -193,11 +251,18 @@ def main():
         "literal/fast memory, n=128": rows["kernel-literal-n128"]["peak_mib"] / rows["kernel-hope-n128"]["peak_mib"],
         "HOPE/S4D kernel time (n=N=64)": rows["kernel-hope-n64"]["ms"] / rows["kernel-s4d-n64"]["ms"],
         "HOPE/S4D layer time": rows["layer-hope"]["ms"] / rows["layer-s4d"]["ms"],
+        "HOPE/S4D layer launches": rows["layer-hope"]["launches"] / rows["layer-s4d"]["launches"],
+        "HOPE/S4D kernel launches": rows["kernel-hope-n64"]["launches"] / rows["kernel-s4d-n64"]["launches"],
+        "HOPE/S4D step() launches": rows["recurrent-1000-hope"]["launches"] / rows["recurrent-1000-s4d"]["launches"],
+        "1000 step() / forward, HOPE": rows["recurrent-1000-hope"]["ms"] / rows["forward-1000-hope"]["ms"],
+        "1000 step() / forward, S4D": rows["recurrent-1000-s4d"]["ms"] / rows["forward-1000-s4d"]["ms"],
         "HOPE/S4D step time, fp32": rows["step-hope-fp32"]["ms"] / rows["step-s4d-fp32"]["ms"],
         "HOPE/S4D step time, bf16": rows["step-hope-bf16"]["ms"] / rows["step-s4d-bf16"]["ms"],
         "bf16/fp32 step time, HOPE": rows["step-hope-bf16"]["ms"] / rows["step-hope-fp32"]["ms"],
     }
     if args.compile:
+        ratios["compile/eager layer time, HOPE"] = rows["layer-hope-compile"]["ms"] / rows["layer-hope"]["ms"]
+        ratios["compile/eager layer time, S4D"] = rows["layer-s4d-compile"]["ms"] / rows["layer-s4d"]["ms"]
         ratios["compile/eager step time, HOPE"] = rows["step-hope-compile"]["ms"] / rows["step-hope-fp32"]["ms"]
         ratios["compile/eager step time, S4D"] = rows["step-s4d-compile"]["ms"] / rows["step-s4d-fp32"]["ms"]
         ratios["HOPE/S4D step time, compile"] = rows["step-hope-compile"]["ms"] / rows["step-s4d-compile"]["ms"]

@@ -173,6 +173,17 @@ def _tail_series_adjoint(dE, L, a, x, ax, wN, Q, hhat, scale):
     return dh.to(dE.dtype), da.to(dE.dtype)
 
 
+def _exp_i(psi, step, count):
+    """exp(i s psi) for s = 0, step, .., (count - 1) step: psi (R, 1, N) -> complex (R, count, N), cos and sin
+    written in place. (Two such tables rather than one: each stays below glibc's 32 MB mmap threshold at
+    H = 128, n <= 128, so the CPU reuses its pages instead of faulting in fresh ones on every call.)"""
+    angles = psi * torch.arange(0, step * count, step, dtype=psi.dtype, device=psi.device)[:, None]  # (R, count, N)
+    table = torch.empty(angles.shape, dtype=psi.dtype.to_complex(), device=psi.device)
+    torch.cos(angles, out=table.real)
+    torch.sin(angles, out=table.imag)
+    return table
+
+
 class _Spectrum(torch.autograd.Function):
     """The HOPE spectra as sums of all-pass powers: P[h, g, k] = sum_m coef[h, g, m] b_k^m at the warped nodes.
 
@@ -197,13 +208,8 @@ class _Spectrum(torch.autograd.Function):
         J = -(-(n + 2) // c)  # J blocks, c J >= n + 2: b^0 .. b^(n+1), one more than P has (see backward)
         psi, a = _warp(log_dt, _nodes(nfft, G, h))  # (H, G, N), (H, 1, 1)
         N = psi.shape[2]
-        steps = torch.cat([torch.arange(0, -c, -1, dtype=h.dtype, device=h.device),
-                           torch.arange(0, -c * J, -c, dtype=h.dtype, device=h.device)])  # b^r, beta^j = b^(cj)
-        angles = psi.view(H * G, 1, N) * steps[:, None]  # (HG, c + J, N): b = exp(-i psi)
-        table = torch.empty(angles.shape, dtype=h.dtype.to_complex(), device=h.device)
-        torch.cos(angles, out=table.real)
-        torch.sin(angles, out=table.imag)
-        b_r, beta_j = table[:, :c], table[:, c:]  # (HG, c, N), (HG, J, N)
+        psi = psi.view(H * G, 1, N)
+        b_r, beta_j = _exp_i(psi, -1, c), _exp_i(psi, -c, J)  # (HG, c, N): b^r, (HG, J, N): beta^j = b^(cj); b = exp(-i psi)
         coef = F.pad(h, (1, c * J - n - 1))[:, None]  # (H, 1, cJ): g = [0, h, 0 ..]
         ctx.tail = ()
         if causal:

@@ -10,6 +10,7 @@ import shutil
 import signal
 import struct
 import tarfile
+import textwrap
 
 import sys
 import types
@@ -121,7 +122,8 @@ def write_fashion_mnist(data_dir, n_train=40, n_test=12):
 @pytest.mark.parametrize("writer", ["python2", "numpy.core", "numpy._core"])
 def test_cifar_loader_reads_exactly(tmp_path, monkeypatch, writer):
     path, batches = write_cifar(monkeypatch, str(tmp_path), writer=writer)
-    x_train, y_train, x_test, y_test = ts.load_cifar10(str(tmp_path), md5=ts.md5sum(path))
+    x_train, y_train, x_test, y_test, files = ts.load_cifar10(str(tmp_path), md5=ts.md5sum(path))
+    assert files == [os.path.abspath(path)]
     expected = torch.cat([batches[f"data_batch_{i}"][0] for i in range(1, 6)]).view(-1, 3, 1024)
     assert torch.equal(x_train, expected) and x_train.dtype == torch.uint8
     assert torch.equal(y_train, torch.cat([batches[f"data_batch_{i}"][1] for i in range(1, 6)]))
@@ -157,12 +159,13 @@ def test_no_network_error_names_url_file_and_folder(tmp_path, monkeypatch):
     with pytest.raises(ts.DataError) as e:
         ts.load_cifar10(str(tmp_path / "d"))
     assert ts.CIFAR_URL in str(e.value) and "cifar-10-python.tar.gz" in str(e.value) and str(tmp_path / "d") in str(e.value)
-    assert not os.listdir(tmp_path / "d")  # no partial file left behind
+    assert not (tmp_path / "d").exists()  # no partial file, no folder left behind
 
 
 def test_fashion_mnist_loader_reads_exactly_and_checks_headers(tmp_path):
     arrays = write_fashion_mnist(str(tmp_path))
-    x_train, y_train, x_test, y_test = ts.load_fashion_mnist(str(tmp_path))
+    x_train, y_train, x_test, y_test, files = ts.load_fashion_mnist(str(tmp_path))
+    assert files == sorted(str(tmp_path / name) for name in ts.FMNIST_FILES)
     assert torch.equal(x_train, arrays["train"][0].view(-1, 1, 784))
     assert torch.equal(y_train, arrays["train"][1].long())
     assert torch.equal(x_test, arrays["t10k"][0].view(-1, 1, 784))
@@ -201,6 +204,7 @@ def test_training_run_writes_every_file(tmp_path):
     assert (run / "config.json").exists() and (run / "last.pt").exists()
     config = json.load(open(run / "config.json"))
     assert config["code"] != "" and config["torch"] == torch.__version__ and config["device_name"] == "cpu"
+    assert config["data_files"] == sorted(str(tmp_path / "data" / name) for name in ts.FMNIST_FILES)
     state = ts.main(small_args(tmp_path, "--model", "s4d", "--out", str(run)) + ["--out", str(tmp_path / "run2")])
     run = tmp_path / "run2"  # 2 full epochs of 4 steps
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
@@ -209,7 +213,7 @@ def test_training_run_writes_every_file(tmp_path):
         assert all(torch.isfinite(torch.tensor(float(r[key]))) for r in rows)
     seen = (40 - 8) // 8 * 8  # full training batches per epoch: the accuracy is a count of them
     assert all(r["train_acc"] * seen == round(r["train_acc"] * seen) and r["train_acc"] > 0 for r in rows)
-    ckpt = torch.load(run / "best.pt", weights_only=False)
+    ckpt = torch.load(run / "best.pt", weights_only=True)
     assert {"model", "optimizer", "rng_cpu", "rng_cuda", "perm_gen", "config", "state"} <= set(ckpt)
     assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
 
@@ -219,12 +223,12 @@ def test_resume_matches_uninterrupted_run(tmp_path, model):
     write_fashion_mnist(str(tmp_path / "data"))
     full = ts.main(small_args(tmp_path, "--model", model, "--out", str(tmp_path / "a")))
     ts.main(small_args(tmp_path, "--model", model, "--out", str(tmp_path / "b"), "--max-steps", "6"))
-    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["state"]["global_step"] == 6
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["state"]["global_step"] == 6
     resumed = ts.main(small_args(tmp_path, "--out", str(tmp_path / "b"), "--resume"))
     assert resumed["global_step"] == full["global_step"] == 8
     assert resumed["history"] == [dict(r, seconds=s["seconds"]) for r, s in zip(full["history"], resumed["history"])]
-    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -256,8 +260,8 @@ def test_ctrl_c_saves_and_resume_continues(tmp_path, monkeypatch):
     monkeypatch.setattr(ts, "make_batch", make_batch)
     resumed = ts.main(small_args(tmp_path, "--out", str(tmp_path / "b"), "--resume"))
     assert [r["val_acc"] for r in resumed["history"]] == [r["val_acc"] for r in full["history"]]
-    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -285,11 +289,21 @@ def test_misuse_writes_nothing(tmp_path, capsys):
     refused(capsys, small_args(tmp_path, "--dt-min", "0.5", "--dt-max", "0.1"), "--dt-min")
     refused(capsys, small_args(tmp_path, "--warmup-epochs", "2"), "--warmup-epochs 2", "--epochs 2")
     refused(capsys, small_args(tmp_path, "--circular", "--bidirectional"), "--circular and --bidirectional")
-    if not torch.cuda.is_available():
-        refused(capsys, small_args(tmp_path, "--device", "cuda"), "no CUDA device")
+    refused(capsys, small_args(tmp_path, "--grayscale"), "--grayscale", "fashion-mnist is grayscale already")
+    for device in ["mps", "xpu"] + ([] if torch.cuda.is_available() else ["cuda", "cuda:1"]):
+        refused(capsys, small_args(tmp_path, "--device", device), f"--device {device} is not available", "--device cpu")
+    refused(capsys, small_args(tmp_path, "--device", "gpu"), "--device gpu")
     assert not (tmp_path / "run").exists()
     ts.main(small_args(tmp_path, "--max-steps", "1"))
     refused(capsys, small_args(tmp_path), "holds an earlier run", "--resume")
+
+
+def test_cifar_offline_names_the_offline_dataset_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ts.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(ts.urllib.error.URLError("offline")))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="--dataset fashion-mnist") as e:
+        ts.main(["--model", "hope", "--device", "cpu"])  # the README's command, no network
+    assert ts.CIFAR_URL in str(e.value) and os.listdir(tmp_path) == []  # no ./data, no run folder
 
 
 def test_explicit_data_dir_never_falls_back(tmp_path, monkeypatch):
@@ -298,10 +312,12 @@ def test_explicit_data_dir_never_falls_back(tmp_path, monkeypatch):
     monkeypatch.setattr(ts.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(ts.urllib.error.URLError("offline")))
     with pytest.raises(SystemExit, match="apt-get install dataset-fashion-mnist"):
         ts.main(small_args(tmp_path, "--data-dir", str(tmp_path / "empty")))
-    assert not (tmp_path / "run").exists() and not os.listdir(tmp_path / "empty")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "empty").exists()
     monkeypatch.chdir(tmp_path)  # without --data-dir: ./data is missing, Debian's folder is used
     args = [a for a in small_args(tmp_path, "--max-steps", "1") if a not in ("--data-dir", str(tmp_path / "data"))]
     assert ts.main(args)["global_step"] == 1
+    config = json.load(open(tmp_path / "run" / "config.json"))
+    assert config["data_files"] == sorted(str(tmp_path / "debian" / name) for name in ts.FMNIST_FILES)
 
 
 def test_resume_rules(tmp_path, capsys):
@@ -326,7 +342,7 @@ def test_warmup_then_cosine(tmp_path):
     0.5 (1 + cos(pi (s - 4) / 8)); the metrics record the learning rate of each epoch's last step."""
     write_fashion_mnist(str(tmp_path / "data"))
     ts.main(small_args(tmp_path, "--warmup-epochs", "1", "--epochs", "3", "--max-steps", "2", "--lr-h", "0.001"))
-    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == pytest.approx([0.01 * 2 / 4, 0.001 * 2 / 4])
     state = ts.main(small_args(tmp_path, "--resume", "--epochs", "4"))  # extended inside the warm-up: same warm-up
     cosine = [0.5 * (1 + math.cos(math.pi * (s - 4) / 12)) for s in (7, 11, 15)]
@@ -405,7 +421,7 @@ def test_end_to_end_flags(tmp_path, flags):
     write_fashion_mnist(str(tmp_path / "data"))
     state = ts.main(small_args(tmp_path, "--epochs", "1", *flags))
     assert state["epoch"] == 1 and math.isfinite(state["history"][0]["train_loss"])
-    weights = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
+    weights = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
     rows = weights["layers.0.C" if "s4d" in flags else "layers.0.h"].shape[0]
     assert rows == (16 if "--bidirectional" in flags else 8)  # d_model 8: one (or two) systems per channel
 
@@ -438,3 +454,146 @@ def test_results_table_uses_the_best_validation_epoch(tmp_path):
     assert lines[2] == "| noise-padded | 0.1, fixed | 75.0 (70.0, 80.0) | 60.0 | 15, 30 |"
     assert lines[3] == "| noise-padded | trained (init log-uniform [0.001, 0.1], lr 0.001) | - | 50.0 | -, 30 |"
     assert lines[4] == "| noise-padded | trained (init log-uniform [0.1, 0.1], lr 0.001) | - | 40.0 | -, 30 |"
+
+
+def test_resume_keeps_the_config_and_records_each_session(tmp_path, capsys):
+    write_fashion_mnist(str(tmp_path / "data"))
+    ts.main(small_args(tmp_path, "--max-steps", "2"))
+    first = json.load(open(tmp_path / "run" / "config.json"))
+    assert "data: " + str(tmp_path / "data") in capsys.readouterr().out
+    ts.main(small_args(tmp_path, "--resume", "--max-steps", "3"))
+    ts.main(small_args(tmp_path, "--resume", "--epochs", "3"))
+    config = json.load(open(tmp_path / "run" / "config.json"))
+    resumes = config.pop("resumes")
+    assert config == first  # the run's own settings, as its first session wrote them
+    assert [(r["max_steps"], r["epochs"]) for r in resumes] == [(3, 2), (None, 3)]
+    assert all(r["code"] == first["code"] and r["data_files"] == first["data_files"] and "--resume" in r["argv"] for r in resumes)
+
+
+def test_code_version_is_dirty_only_for_files_a_run_executes(tmp_path):
+    if not shutil.which("git"):
+        pytest.skip("needs git")
+    here = os.path.dirname(os.path.abspath(ts.__file__))
+    for name in ("hope.py", "s4d.py", "train_scifar.py", "figures.py", "README.md"):
+        shutil.copy(os.path.join(here, name), tmp_path / name)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    for cmd in (["init", "-q"], ["add", "."], ["commit", "-qm", "x"]):
+        subprocess.run(git + cmd, check=True, capture_output=True)
+
+    def version():
+        code = "import train_scifar; print(train_scifar.code_version())"
+        return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+    clean = version()
+    assert len(clean) == 40
+    for name in ("figures.py", "README.md"):
+        (tmp_path / name).write_text("changed")
+    assert version() == clean
+    (tmp_path / "s4d.py").write_text((tmp_path / "s4d.py").read_text() + "\n# changed\n")
+    assert version() == clean + "+dirty"
+
+
+SIGTERM_RUN = """
+import os, signal, sys
+import train_scifar as ts
+make_batch, calls = ts.make_batch, []
+def make_batch_then_signal(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        for _ in range(int(sys.argv[1])):
+            os.kill(os.getpid(), signal.SIGTERM)
+    return make_batch(*args, **kwargs)
+ts.make_batch = make_batch_then_signal
+ts.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_sigterm_saves_like_ctrl_c_and_a_second_signal_aborts(tmp_path, signals):
+    """A real SIGTERM in the middle of epoch 1: the step finishes, last.pt is saved, exit status 0 with the resume
+    hint. A second one before the step ends kills the run (SIGTERM's default action) and saves nothing."""
+    write_fashion_mnist(str(tmp_path / "data"))
+    out = subprocess.run([sys.executable, "-c", SIGTERM_RUN, str(signals), *small_args(tmp_path)], capture_output=True,
+                         text=True, cwd=os.path.dirname(os.path.abspath(ts.__file__)), timeout=300)
+    if signals == 1:
+        assert out.returncode == 0, out.stderr
+        assert "SIGTERM: finishing this step" in out.stdout and "continue with --resume" in out.stdout
+        assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state"]["global_step"] == 3
+    else:
+        assert out.returncode == -signal.SIGTERM and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_readme_loads_best_pt_and_evaluates(tmp_path, monkeypatch):
+    """The README's snippet, run on a tiny finished run: best.pt loads with weights_only=True into a model whose
+    test accuracy is the one the run recorded for its best epoch."""
+    write_fashion_mnist(str(tmp_path / "data"))
+    state = ts.main(small_args(tmp_path))
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(ts.__file__)), "README.md")).read()
+    snippet = readme.split("<!-- load-best -->")[1].split("```python")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(textwrap.dedent(snippet).replace("runs/hope-cifar10-s0", str(tmp_path / "run")), namespace)
+    assert namespace["accuracy"] == state["best"]["test_acc"]
+
+
+def test_split_is_fixed_and_the_same_for_every_seed(tmp_path):
+    """Validation = the first --val-size of randperm(N) with generator seed 42 (restated here), whatever --seed."""
+    arrays = write_fashion_mnist(str(tmp_path / "data"), n_train=60)
+    x, y = arrays["train"][0].view(-1, 1, 784), arrays["train"][1].long()
+    perm = torch.randperm(60, generator=torch.Generator().manual_seed(42))
+    for seed in ("0", "7"):
+        parser, args, _ = ts.parse_args(small_args(tmp_path, "--seed", seed, "--val-size", "12"))
+        args.data_dir_explicit = True
+        data, _, _ = ts.load_data(parser, args, torch.device("cpu"))
+        assert torch.equal(data["val"][0], x[perm[:12]]) and torch.equal(data["val"][1], y[perm[:12]])
+        assert torch.equal(data["train"][0], x[perm[12:]]) and torch.equal(data["train"][1], y[perm[12:]])
+
+
+def test_normalization_constants_as_applied_to_real_batches(tmp_path, monkeypatch):
+    """Per-channel mean and std, restated from their sources: CIFAR-10 (R, G, B) as in the authors' script and
+    the S4 examples, the LRA Image task's grayscale pair, Fashion-MNIST's usual pair; CIFAR's planes are R, G, B."""
+    published = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+                 "cifar10-gray": ((122.6 / 255,), (61.0 / 255,)), "fashion-mnist": ((0.2860,), (0.3530,))}
+    path, batches = write_cifar(monkeypatch, str(tmp_path / "data"), n_train=4)
+    monkeypatch.setattr(ts.load_cifar10, "__defaults__", (ts.md5sum(path),))
+    write_fashion_mnist(str(tmp_path / "data"))
+    for name, flags in (("cifar10", ["--dataset", "cifar10"]), ("cifar10-gray", ["--dataset", "cifar10", "--grayscale"]),
+                        ("fashion-mnist", [])):
+        parser, args, _ = ts.parse_args(small_args(tmp_path, *flags, "--val-size", "2"))
+        args.data_dir_explicit = True
+        data, mean, std = ts.load_data(parser, args, torch.device("cpu"))
+        x = data["test"][0]
+        expected = (x.double() / 255 - torch.tensor(published[name][0], dtype=torch.float64)[:, None]) / torch.tensor(published[name][1], dtype=torch.float64)[:, None]
+        torch.testing.assert_close(ts.make_batch(x, mean, std).double(), expected, rtol=1e-6, atol=1e-6)
+    red = batches["test_batch"][0].view(-1, 3, 1024)[:, 0]  # the first 1024 bytes of a CIFAR row: the red plane
+    parser, args, _ = ts.parse_args(small_args(tmp_path, "--dataset", "cifar10", "--val-size", "2"))
+    args.data_dir_explicit = True
+    assert torch.equal(ts.load_data(parser, args, torch.device("cpu"))[0]["test"][0][:, 0], red)
+
+
+def test_grayscale_is_pillows_convert_L():
+    """Pillow's libImaging/Convert.c: L = (19595 R + 38470 G + 7471 B + 0x8000) >> 16, restated in plain Python."""
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.randint(0, 256, (3, 20000), dtype=torch.uint8, generator=g)
+    rgb[:, :256] = torch.arange(256, dtype=torch.uint8)  # gray pixels keep their level
+    expected = [(19595 * r + 38470 * gg + 7471 * b + 0x8000) >> 16 for r, gg, b in rgb.T.tolist()]
+    assert ts.grayscale(rgb[None])[0, 0].tolist() == expected
+
+
+def test_noise_and_pooling_positions_of_the_built_model(tmp_path):
+    """The classifier pools over the noise only: from position L0 = 784 when noise-padded, from 0 without noise."""
+    _, args, _ = ts.parse_args(small_args(tmp_path))
+    assert ts.build_model(args, 1, 784).pool_from == 784
+    _, args, _ = ts.parse_args(small_args(tmp_path, "--no-noise"))
+    assert ts.build_model(args, 1, 784).pool_from == 0
+
+
+def test_model_selection_uses_validation_alone(tmp_path, monkeypatch, capsys):
+    """best.pt and the reported test accuracy come from the first epoch with the highest validation accuracy,
+    never from the test set: here the test accuracy peaks at other epochs."""
+    write_fashion_mnist(str(tmp_path / "data"))
+    script = iter([(1.0, 0.5), (1.0, 0.9), (1.0, 0.7), (1.0, 0.2), (1.0, 0.7), (1.0, 0.95)])  # (val, test) per epoch
+    monkeypatch.setattr(ts, "evaluate", lambda *a, **k: next(script))
+    state = ts.main(small_args(tmp_path, "--epochs", "3"))
+    assert state["best"]["epoch"] == 2 and state["best"]["test_acc"] == 0.2
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["state"]["epoch"] == 2
+    assert "best val acc 0.7000 at epoch 2; test acc there 0.2000" in capsys.readouterr().out

@@ -22,6 +22,7 @@ import pickle
 import signal
 import struct
 import subprocess
+import sys
 import tarfile
 import time
 import urllib.error
@@ -75,22 +76,27 @@ def md5sum(path):
     return digest.hexdigest()
 
 
-def download(url, path, md5):
-    """Fetch url to path via path + '.part', renamed only after the MD5 matches."""
+def download(url, path, md5, offline_hint=""):
+    """Fetch url to path via path + '.part', renamed only after the MD5 matches. A folder made for it is
+    removed again if the download fails, so a failed run leaves nothing behind."""
     part, folder = path + ".part", os.path.dirname(path) or "."
-    if not os.path.isdir(folder):
-        print(f"creating {folder}/ for the download")
-        os.makedirs(folder)
+    made = []
     print(f"downloading {url} to {path}")
     try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(part, "wb") as f:
-            for chunk in iter(lambda: r.read(1 << 20), b""):
-                f.write(chunk)
+        with urllib.request.urlopen(url, timeout=30) as r:
+            if not os.path.isdir(folder):
+                os.makedirs(folder)
+                made.append(folder)
+            with open(part, "wb") as f:
+                for chunk in iter(lambda: r.read(1 << 20), b""):
+                    f.write(chunk)
     except (urllib.error.URLError, OSError) as e:
         if os.path.exists(part):
             os.remove(part)
-        raise DataError(f"could not download {url} ({e}). Without network access, download it "
-                        f"elsewhere and put {os.path.basename(path)} in {os.path.dirname(path) or '.'}/") from None
+        for d in made:
+            os.rmdir(d)
+        raise DataError(f"could not download {url} ({e}). Without network access, download it elsewhere and put "
+                        f"{os.path.basename(path)} in {folder}/{offline_hint}") from None
     if md5sum(part) != md5:
         os.remove(part)
         raise DataError(f"download of {url} has the wrong MD5 (expected {md5}); it was deleted, run again")
@@ -133,10 +139,11 @@ def _uint8_images(array):
 
 
 def load_cifar10(data_dir, md5=CIFAR_MD5):
-    """CIFAR-10 from the official python tarball (downloaded if absent): uint8 (N, 3, 1024) and labels."""
+    """CIFAR-10 from the official python tarball (downloaded if absent): uint8 (N, 3, 1024) and labels, train
+    and test, and the list of files read."""
     path = os.path.join(data_dir, os.path.basename(CIFAR_URL))
     if not os.path.exists(path):
-        download(CIFAR_URL, path, md5)
+        download(CIFAR_URL, path, md5, offline_hint="; or train offline on Fashion-MNIST with --dataset fashion-mnist")
     if md5sum(path) != md5:
         raise DataError(f"{path} has the wrong MD5 (expected {md5}): it is corrupt or incomplete. "
                         "Delete it and run again to download it afresh.")
@@ -153,7 +160,7 @@ def load_cifar10(data_dir, md5=CIFAR_MD5):
     except (tarfile.TarError, EOFError, zlib.error, pickle.UnpicklingError, KeyError, TypeError, RuntimeError) as e:
         raise DataError(f"{path} could not be read as the CIFAR-10 python tarball ({type(e).__name__}: {e}). "
                         "Delete it and run again to download it afresh.") from None
-    return splits["train"] + splits["test"]
+    return splits["train"] + splits["test"] + ([os.path.abspath(path)],)
 
 
 def read_idx(path, ndim):
@@ -176,16 +183,14 @@ def read_idx(path, ndim):
 
 
 def load_fashion_mnist(data_dir, search_debian=True):
-    """Fashion-MNIST from data_dir, else (search_debian) Debian's package folder, else downloaded to data_dir."""
+    """Fashion-MNIST from data_dir, else (search_debian) Debian's package folder, else downloaded to data_dir:
+    uint8 (N, 1, 784) and labels, train and test, and the list of files read."""
     paths = {}
     for name, md5 in FMNIST_FILES.items():
         local, debian = os.path.join(data_dir, name), os.path.join(FMNIST_DEBIAN_DIR, name)
         if not os.path.exists(local) and not (search_debian and os.path.exists(debian)):
-            try:
-                download(FMNIST_URL + name, local, md5)
-            except DataError as e:
-                raise DataError(f"{e}; or, on Debian/Ubuntu, `apt-get install dataset-fashion-mnist` "
-                                f"puts the files in {FMNIST_DEBIAN_DIR}") from None
+            download(FMNIST_URL + name, local, md5, offline_hint=f"; or, on Debian/Ubuntu, `apt-get install "
+                     f"dataset-fashion-mnist` puts the files in {FMNIST_DEBIAN_DIR}")
         paths[name] = local if os.path.exists(local) else debian
     out = []
     for prefix in ("train", "t10k"):
@@ -195,7 +200,14 @@ def load_fashion_mnist(data_dir, search_debian=True):
             raise DataError(f"Fashion-MNIST {prefix}: {x.shape[0]} images of {tuple(x.shape[1:])} "
                             f"but {y.shape[0]} labels; expected 28x28 images, one label each")
         out += [x.reshape(-1, 1, 784), y.long()]
-    return out
+    return out + [sorted(os.path.abspath(p) for p in paths.values())]
+
+
+def grayscale(x):
+    """uint8 RGB (N, 3, L) -> uint8 luma (N, 1, L) exactly as PIL's convert("L"): ITU-R 601-2 weights in 16-bit
+    fixed point, (19595 R + 38470 G + 7471 B + 2^15) >> 16 (Pillow's libImaging/Convert.c, L24)."""
+    weights = torch.tensor([19595, 38470, 7471], dtype=torch.int32, device=x.device)[:, None]
+    return (((x.int() * weights).sum(1, keepdim=True) + 0x8000) >> 16).to(torch.uint8)
 
 
 def make_batch(x, mean, std, noise=None):
@@ -365,11 +377,12 @@ def parse_args(argv=None):
 
 
 def code_version():
-    """The git commit of this file's checkout, '+dirty' if a tracked .py file has changed, else 'unknown'."""
+    """The git commit of this file's checkout, '+dirty' if a file a run executes has changed, else 'unknown'."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "*.py"], cwd=here, capture_output=True).returncode
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "hope.py", "s4d.py", "train_scifar.py"],
+                               cwd=here, capture_output=True).returncode
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit.stdout.strip() + ("+dirty" if dirty else "")
@@ -383,12 +396,18 @@ def resolve(parser, args, given):
         parser.error(f"--warmup-epochs {args.warmup_epochs} must be below --epochs {args.epochs}")
     if args.circular and args.bidirectional:
         parser.error("--circular and --bidirectional exclude each other (the bidirectional layer never wraps around)")
+    if args.grayscale and args.dataset != "cifar10":
+        parser.error(f"--grayscale turns CIFAR-10's color images into one channel; {args.dataset} is grayscale already: "
+                     "drop --grayscale")
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
         parser.error(f"--device {args.device}: {e}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: this PyTorch build has no CUDA device (torch {torch.__version__}); use --device cpu")
+    try:
+        torch.empty(0, device=device)  # a device type, index or backend that this build or machine lacks fails here
+    except (RuntimeError, AssertionError):
+        parser.error(f"--device {args.device} is not available with this PyTorch build (torch {torch.__version__}) "
+                     f"on this machine; use --device cpu{' or --device cuda' if torch.cuda.is_available() else ''}")
     last = os.path.join(args.out, "last.pt")
     if not args.resume:
         if os.path.exists(last) or os.path.exists(os.path.join(args.out, "best.pt")):
@@ -396,7 +415,7 @@ def resolve(parser, args, given):
         return dict(vars(args), data_dir_explicit="data_dir" in given), None
     if not os.path.exists(last):
         parser.error(f"--resume: no checkpoint at {last}")
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
     saved = ckpt["config"]
     conflicts = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {saved.get(k)})"
                  for k in sorted(given - CHANGEABLE_ON_RESUME) if getattr(args, k) != saved.get(k)]
@@ -416,14 +435,14 @@ def load_data(parser, args, device):
     if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
         raise DataError(f"--data-dir {args.data_dir} exists but is not a directory")
     if args.dataset == "cifar10":
-        x_train, y_train, x_test, y_test = load_cifar10(args.data_dir)
-        if args.grayscale:  # ITU-R 601 luma, as PIL's convert("L")
-            luma = torch.tensor([0.299, 0.587, 0.114])[:, None]
-            x_train, x_test = [(x.float() * luma).sum(1, keepdim=True).round().to(torch.uint8) for x in (x_train, x_test)]
+        x_train, y_train, x_test, y_test, args.data_files = load_cifar10(args.data_dir)
+        if args.grayscale:
+            x_train, x_test = grayscale(x_train), grayscale(x_test)
         norm = NORMALIZATION["cifar10-gray" if args.grayscale else "cifar10"]
     else:
-        x_train, y_train, x_test, y_test = load_fashion_mnist(args.data_dir, search_debian=not args.data_dir_explicit)
+        x_train, y_train, x_test, y_test, args.data_files = load_fashion_mnist(args.data_dir, search_debian=not args.data_dir_explicit)
         norm = NORMALIZATION["fashion-mnist"]
+    print(f"data: {', '.join(args.data_files)}")
     if args.val_size >= len(x_train):
         parser.error(f"--val-size {args.val_size} must be below the {len(x_train)} training samples")
     perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(42))  # the fixed split
@@ -519,20 +538,35 @@ def train_epoch(args, step_fn, optimizer, data, mean, std, perm_gen, state, auto
     return True
 
 
+def record(args, argv):
+    """config.json: the run's settings, written by its first session; a resumed session appends its own record
+    (flags, code version, device, data files) to the list under "resumes" and changes nothing else."""
+    path = os.path.join(args.out, "config.json")
+    config = dict(vars(args))
+    if args.resume and os.path.exists(path):
+        with open(path) as f:
+            config = json.load(f)
+    if args.resume:
+        resume = {k: getattr(args, k) for k in ("code", "torch", "device", "device_name", "epochs", "max_steps", "data_files")}
+        config.setdefault("resumes", []).append(dict(resume, argv=argv, time=time.strftime("%Y-%m-%d %H:%M:%S")))
+    text = json.dumps(config, indent=1)
+    os.makedirs(args.out, exist_ok=True)
+    atomic_write(path, lambda f: f.write(text.encode()))
+    return text
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser, args, given = parse_args(argv)
     config, ckpt = resolve(parser, args, given)
-    args = argparse.Namespace(**dict(config, code=code_version(), torch=torch.__version__))
+    args = argparse.Namespace(**dict(config, code=code_version(), torch=str(torch.__version__)))
     device = torch.device(args.device)
     try:
         data, mean, std = load_data(parser, args, device)
     except DataError as e:
         raise SystemExit(f"error: {e}")
     args.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    config_text = json.dumps(vars(args), indent=1)
-    print(config_text)
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write(os.path.join(args.out, "config.json"), lambda f: f.write(config_text.encode()))
+    print(record(args, argv))
     use_bf16 = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     x_train = data["train"][0]
@@ -540,15 +574,16 @@ def main(argv=None):
     step_fn = torch.compile(model) if args.compile else model
     stop = {"requested": False}
 
-    def on_sigint(signum, frame):
+    def on_signal(signum, frame):  # SIGINT (Ctrl-C) or SIGTERM (what schedulers and `timeout` send first)
         stop["requested"] = True
-        print("\ninterrupt: finishing this step, then saving last.pt (Ctrl-C again to abort without saving)")
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pt (a second signal aborts without saving)")
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def should_stop():
         return stop["requested"] or state["global_step"] >= (args.max_steps or math.inf)
 
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while state["epoch"] < args.epochs:
             t0 = time.time()
@@ -578,7 +613,8 @@ def main(argv=None):
     except FloatingPointError as e:
         raise SystemExit(f"\nerror: {e}")
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
     best = state["best"]
     print(f"best val acc {best['val_acc']:.4f} at epoch {best['epoch']}; test acc there {best['test_acc']:.4f}")
     return state
