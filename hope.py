@@ -53,12 +53,16 @@ The exact causal kernel
     (In the cascade's realization A, B and C are lower-triangular Toeplitz in the state index, so
     they multiply like power series in x: A^(L-1) B is Q, and C (I - A/z)^-1 turns into (1 + a b).)
     So K_L(z_k) = sum_m c_m b_k^m with c = [0, h] - (-1)^k q: the evaluation that gives G, with
-    the sign of q alternating between even and odd nodes. Q costs about 2 log2(L) FFT products of
-    length 2n; no (L, n) or (n, n) tensor is ever built.
+    the sign of q alternating between even and odd nodes. Q comes from samples on a circle inside
+    the disk (_tail_series): one FFT pair, no loop over L, no (L, n) or (n, n) tensor.
 
-Exact, all of it (vs the step-by-step recurrence, dt 1e-4..10: relative error at most 1.2e-13 in float64
-and 2.6e-5 in float32, measured; TF32 matmuls, off by default, would give ~3e-4, measured on an H100).
-Autocast leaves the kernel and the FFTs in float32.
+Few, large operations (a GPU launches one kernel per operation in eager PyTorch): the spectrum is one
+autograd Function whose forward and backward are each a few dozen operations, whatever n and L.
+
+Exact, all of it (vs the step-by-step recurrence, dt 1e-4..10, n <= 64, L <= 1024: relative error at most
+1.4e-13 in float64 and 2.0e-5 in float32, measured; up to 8e-5 in float32 at n = 128, L = 2048; TF32
+matmuls, off by default, would give ~3e-4, measured on an H100). Autocast leaves the kernel and the FFTs
+in float32.
     algorithm1             the paper's circular convolution of length L, written literally.
     circular=True in HOPE  exactly algorithm1, computed with rfft (faster, same numbers).
     hope_kernel            exactly the first L samples of the impulse response, every dt > 0.
@@ -126,17 +130,17 @@ def _warp(log_dt, theta):
     """psi = arg omega' at the nodes omega = exp(i theta), and a: log_dt (H,), theta (G, N) -> (H, G, N), (H, 1, 1).
 
     The warped node of step 3 is omega' = exp(i psi) with psi = theta + 2 atan2(a sin theta, 1 - a cos theta);
-    no singularity, unlike steps 2-3 of algorithm1. 1 - a cos theta is computed as (1 - a) + 2 a sin^2(theta/2)
-    with 1 - a = 2 sigmoid(log dt) and a = tanh(-log dt / 2): written as it stands it would lose every digit
-    of a small dt near theta = 0 in float32.
+    no singularity, unlike steps 2-3 of algorithm1. 1 - a cos theta is computed as (1 - a) + a (1 - cos theta)
+    with 1 - a = 2 sigmoid(log dt) and a = tanh(-log dt / 2), in float64 (the callers' choice): so a small dt
+    keeps its digits near theta = 0, and psi is exact to float64 round-off before it multiplies powers up to n.
     """
-    sin, versin = torch.sin(theta), 2 * torch.sin(theta / 2) ** 2  # (G, N): sin theta, 1 - cos theta
+    sin, versin = torch.sin(theta), 1 - torch.cos(theta)  # (G, N)
     one_minus_a, a = 2 * torch.sigmoid(log_dt)[:, None, None], torch.tanh(-log_dt / 2)[:, None, None]  # (H, 1, 1)
     y, x = a * sin, torch.addcmul(one_minus_a, a, versin)  # (H, G, N): a sin theta, 1 - a cos theta
     return torch.add(theta, torch.atan2(y, x), alpha=2), a
 
 
-def _tail_series(h, log_dt, L, length):
+def _tail_series(h, a, L, length):
     """[0, E, 0 ..] (H, length + 1), E_j = sum_{i>=j} h_i Q_{i-j}, Q = the power series of w^(L-1) / (1 + a x),
     w = (a + x) / (1 + a x).
 
@@ -144,14 +148,13 @@ def _tail_series(h, log_dt, L, length):
     So sample both at M = 8n points of the circle |x| = rho < 1 and read the coefficients off one inverse FFT
     (real input: rfft and irfft, half the points): no loop over L. Terms M apart alias, with relative size
     rho^M = 1e-16; rounding grows by rho^-n = 100: all of it in float64 (w^(L-1) needs it), ending near 1e-14.
-    Returns E and what the adjoint (_tail_series_adjoint) needs.
+    a: float64 (H, 1). Returns E (h's dtype) and what the adjoint (_tail_series_adjoint) needs.
     """
     n = h.shape[1]
     M, rho = 8 * n, 10 ** (-2 / n)
     scale = rho ** torch.arange(n, dtype=torch.float64, device=h.device)  # rho^i
     x = torch.polar(torch.full((M // 2 + 1,), rho, dtype=torch.float64, device=h.device),
                     torch.arange(M // 2 + 1, dtype=torch.float64, device=h.device) * (2 * math.pi / M))  # (M/2 + 1,)
-    a = torch.tanh(log_dt.double() / -2)[:, None]  # (H, 1)
     ax = a * x + 1  # (H, M/2 + 1)
     w = (a + x) / ax
     wN = w ** max(L - 2, 0)  # w^(L-2): the derivative's part (w^(L-1) / w would divide by w, which may be 0)
@@ -161,27 +164,25 @@ def _tail_series(h, log_dt, L, length):
     return F.pad(E.to(h.dtype), (1, length - n)), (L, a, x, ax, wN, Q, hhat, scale)  # [0, E, 0 ..]
 
 
-def _tail_series_adjoint(dE, L, a, x, ax, wN, Q, hhat, scale):
-    """dh (H, n) and da (H,) of sum_j dE_j E_j: h -> E correlates with Q, so dh correlates dE with conj(Q); da
-    pairs dE with E computed from dQ/da, pointwise on the circle:
+def _tail_series_adjoint(dE, L, a, x, ax, wN, Q, hhat, scale, with_da=True):
+    """dh (H, n) and da (H,) (None unless with_da) of sum_j dE_j E_j: h -> E correlates with Q, so dh correlates
+    dE with conj(Q); da pairs dE with E computed from dQ/da, pointwise on the circle:
         dQ/da = w^(L-2) (L (1 - x^2) - (1 + a x)) / (1 + a x)^3    (L >= 2),    -x / (1 + a x)^2   (L = 1)."""
     n, M = scale.shape[0], 2 * (x.shape[0] - 1)
     u = dE[:, :n].double() * scale  # (H, n)
     dh = torch.fft.irfft(torch.fft.rfft(u, n=M) * Q.conj(), n=M)[:, :n] / scale  # (H, n)
-    dQ = wN * (L * (1 - x * x) - ax) / ax ** 3 if L > 1 else -x / ax ** 2
+    if not with_da:
+        return dh.to(dE.dtype), None
+    dQ = wN * (L * (1 - x * x) - ax) / (ax * ax * ax) if L > 1 else -x / (ax * ax)
     da = (torch.fft.irfft(hhat * dQ, n=M)[:, :n] * u).sum(1)  # (H,)
     return dh.to(dE.dtype), da.to(dE.dtype)
 
 
 def _exp_i(psi, step, count):
-    """exp(i s psi) for s = 0, step, .., (count - 1) step: psi (R, 1, N) -> complex (R, count, N), cos and sin
-    written in place. (Two such tables rather than one: each stays below glibc's 32 MB mmap threshold at
-    H = 128, n <= 128, so the CPU reuses its pages instead of faulting in fresh ones on every call.)"""
+    """exp(i s psi) for s = 0, step, .., (count - 1) step: psi (R, 1, N) -> complex (R, count, N), from a cos and a
+    sin (real arithmetic, which torch.compile can fuse)."""
     angles = psi * torch.arange(0, step * count, step, dtype=psi.dtype, device=psi.device)[:, None]  # (R, count, N)
-    table = torch.empty(angles.shape, dtype=psi.dtype.to_complex(), device=psi.device)
-    torch.cos(angles, out=table.real)
-    torch.sin(angles, out=table.imag)
-    return table
+    return torch.complex(torch.cos(angles), torch.sin(angles))
 
 
 class _Spectrum(torch.autograd.Function):
@@ -191,14 +192,11 @@ class _Spectrum(torch.autograd.Function):
     causal (nfft = 2L): K_L(z_k) = sum_m (g_m - (-1)^k q_m) b_k^m, the exact kernel's spectrum at the 2L nodes
         (module docstring), even and odd nodes as two groups with their own coefficients.
     Split m = c j + r (c ~ sqrt(n) powers per block, J blocks): b^m = b^r beta^j with beta = b^c, so
-        P = sum_j beta^j S_j,   S_j = sum_r coef_{cj+r} b^r,
-    all J inner sums in one batched matmul, then one product with the powers of beta and one sum. The c + J
-    powers come from one table of angles (a cos and a sin, no loop): O(H N sqrt(n)) memory, not the
-    O(H N n) of the literal form. The backward, for a real loss and PyTorch's convention
-    dLoss/dx = Re(conj(grad) dP/dx) for real x, is the transposed evaluation dcoef_m = Re sum_k conj(grad_k) b_k^m
-    (one matmul of T = conj(grad) beta^j with the table of b^r that the forward saved), and da follows from
-    dcoef alone because db/da is a polynomial in b (see backward); then the tail's adjoint. No autograd graph
-    inside: one forward, one backward. Takes log dt, the layer's parameter.
+    P = sum_j beta^j S_j with S_j = sum_r coef_{cj+r} b^r: one batched matmul, one product, one sum, and
+    O(H N sqrt(n)) memory, not the O(H N n) of the literal form. For a real loss and PyTorch's convention
+    dLoss/dx = Re(conj(grad) dP/dx), the backward is the transposed evaluation dcoef_m = Re sum_k conj(grad_k) b_k^m
+    (one matmul with the saved tables); da follows from dcoef alone (db/da is a polynomial in b, see backward),
+    then the tail's adjoint. No autograd graph inside. Takes log dt, the layer's parameter.
     """
 
     @staticmethod
@@ -206,14 +204,15 @@ class _Spectrum(torch.autograd.Function):
         H, n = h.shape
         G, c = 1 + causal, math.isqrt(n + 1) + 1  # c ~ sqrt(n) powers per block
         J = -(-(n + 2) // c)  # J blocks, c J >= n + 2: b^0 .. b^(n+1), one more than P has (see backward)
-        psi, a = _warp(log_dt, _nodes(nfft, G, h))  # (H, G, N), (H, 1, 1)
-        N = psi.shape[2]
-        psi = psi.view(H * G, 1, N)
+        log_dt64 = log_dt.double()
+        psi, a64 = _warp(log_dt64, _nodes(nfft, G, log_dt64))  # (H, G, N), (H, 1, 1): float64
+        N, a = psi.shape[2], a64.to(h.dtype)
+        psi = psi.to(h.dtype).view(H * G, 1, N)
         b_r, beta_j = _exp_i(psi, -1, c), _exp_i(psi, -c, J)  # (HG, c, N): b^r, (HG, J, N): beta^j = b^(cj); b = exp(-i psi)
         coef = F.pad(h, (1, c * J - n - 1))[:, None]  # (H, 1, cJ): g = [0, h, 0 ..]
         ctx.tail = ()
         if causal:
-            E, ctx.tail = _tail_series(h, log_dt, nfft // 2, c * J)  # (H, cJ + 1): [0, E, 0 ..]
+            E, ctx.tail = _tail_series(h, a64[:, 0], nfft // 2, c * J)  # (H, cJ + 1): [0, E, 0 ..]
             ctx.E = E[:, :-1]  # E_(j-1)
             q = torch.addcmul(E[:, 1:], a[:, 0], ctx.E)  # (H, cJ): q_j = E_j + a E_(j-1)
             coef = torch.addcmul(coef, torch.arange(-1, 2, 2, dtype=h.dtype, device=h.device)[:, None], q[:, None])  # (H, 2, cJ): g -/+ q
@@ -227,18 +226,22 @@ class _Spectrum(torch.autograd.Function):
     def backward(ctx, grad):
         coef, a, b_r, beta_j = ctx.saved_tensors
         (H, G, cJ), N = coef.shape, b_r.shape[2]
-        grad = F.pad(grad, (0, G * N - grad.shape[1])).view(H, N, G).transpose(1, 2)  # (H, G, N): node groups
-        T = (beta_j.view(H, G, -1, N) * grad.conj()[:, :, None]).view(H * G, -1, N)  # (HG, J, N): conj(grad) beta^j
+        grad = F.pad(grad, (0, G * N - grad.shape[1])).view(H, N, G).transpose(1, 2).conj().contiguous()  # (H, G, N): groups
+        T = (beta_j.view(H, G, -1, N) * grad[:, :, None]).view(H * G, -1, N)  # (HG, J, N): conj(grad) beta^j
         dcoef = (T @ b_r.mT).real.reshape(H, G, cJ)  # (HG, J, N) @ (HG, N, c) -> (H, G, cJ)
+        dh = dcoef.sum(1)[:, 1:ctx.n + 1]  # g = [0, h, 0 ..]
+        if ctx.tail:
+            dq = dcoef[:, 1] - dcoef[:, 0]  # coef = g -/+ q
+            dh_tail, da_tail = _tail_series_adjoint(torch.addcmul(dq[:, :-1], a[:, 0], dq[:, 1:]), *ctx.tail,
+                                                    ctx.needs_input_grad[1])
+            dh = dh + dh_tail
+        if not ctx.needs_input_grad[1]:  # dt frozen (a buffer): no dt gradient to compute
+            return dh, None, None, None
         # db/da = (b^2 - 1) / (1 - a^2), so dP/da = sum_m d_m b^m / (1 - a^2), d_m = (m-1) c_(m-1) - (m+1) c_(m+1):
         # dLoss/da pairs d with dcoef, and da/dlog_dt = -(1 - a^2) / 2 cancels the division.
         mc = F.pad(coef * torch.arange(0, -cJ / 2, -0.5, dtype=coef.dtype, device=coef.device), (1, 1))  # -m c_m / 2
         dlog_dt = ((mc[..., :-2] - mc[..., 2:]) * dcoef).sum((1, 2))
-        dh = dcoef.sum(1)[:, 1:ctx.n + 1]  # g = [0, h, 0 ..]
         if ctx.tail:
-            dq = dcoef[:, 1] - dcoef[:, 0]  # coef = g -/+ q
-            dh_tail, da_tail = _tail_series_adjoint(torch.addcmul(dq[:, :-1], a[:, 0], dq[:, 1:]), *ctx.tail)
-            dh = dh + dh_tail
             dlog_dt = torch.addcmul(dlog_dt, da_tail + (dq * ctx.E).sum(1), (a[:, 0, 0] ** 2 - 1) / 2)
         return dh, dlog_dt, None, None
 
@@ -382,9 +385,8 @@ class HOPE(nn.Module):
                              f"from default_state(B), got {tuple(u_t.shape)} and {tuple(state.shape)}")
         a = torch.tanh(-self.log_dt / 2)[:, None]  # (H, 1): (1 - dt) / (1 + dt)
         v = torch.cat([u_t[..., None], torch.addcmul(state[..., :-1], a, state[..., 1:])], -1)  # (B, H, n + 1)
-        lag = torch.arange(self.n + 1, device=u_t.device)
-        lag = lag[:, None] - lag  # (n + 1, n + 1): i - j
-        M = torch.pow(-a[..., None], lag.clamp(min=0)).tril()  # (H, n + 1, n + 1): (-a)^(i-j) for i >= j
+        k = torch.arange(self.n + 1, device=u_t.device)
+        M = torch.pow(-a, k)[:, (k[:, None] - k).clamp(min=0)].tril()  # (H, n + 1, n + 1): (-a)^(i-j) for i >= j
         state = torch.einsum("hij,bhj->bhi", M, v)  # (B, H, n + 1)
         y = (state[..., 1:] * self.h).sum(-1)  # (B, H)
         return self._block(y[..., None], u_t[..., None])[..., 0], state

@@ -1,6 +1,7 @@
 """Every fast path against an independent ground truth (float64 unless a test says otherwise)."""
 import copy
 import math
+import shutil
 
 import pytest
 import torch
@@ -357,6 +358,64 @@ def test_hope_kernel_gradcheck(n, dt):
     for L in (1, 2, 12):
         assert torch.autograd.gradcheck(lambda h, dt: hope_kernel(h, dt, L), (h, dts))
     assert torch.autograd.gradcheck(lambda h, dt: torch.view_as_real(hope_transfer(h, dt, 10)), (h, dts))
+
+
+def test_hope_kernel_gradcheck_with_dt_frozen():
+    """With dt a buffer the backward skips dt's gradient; h's must not change."""
+    h = torch.randn(2, 6, dtype=f64, requires_grad=True)
+    dt = torch.tensor([1e-3, 0.5], dtype=f64)
+    for L in (1, 12):
+        assert torch.autograd.gradcheck(lambda h: hope_kernel(h, dt, L), (h,))
+
+
+@pytest.mark.parametrize("cls", [HOPE, S4D])
+def test_dt_init_is_log_uniform(cls):
+    """log dt ~ U[log dt_min, log dt_max] per channel (both layers): the range, the mean and the standard deviation
+    (b - a) / sqrt(12) of a uniform law, and dt_min = dt_max gives exactly that dt."""
+    lo, hi = math.log(1e-3), math.log(1e-1)
+    log_dt = cls(20000, d_state=2, dt_min=1e-3, dt_max=1e-1).log_dt.double()
+    assert lo - 1e-6 <= log_dt.min() and log_dt.max() <= hi + 1e-6
+    assert log_dt.mean().item() == pytest.approx((lo + hi) / 2, abs=0.05)
+    assert log_dt.std().item() == pytest.approx((hi - lo) / math.sqrt(12), rel=0.02)
+    torch.testing.assert_close(cls(4, d_state=2, dt_min=0.1, dt_max=0.1).log_dt.exp(), torch.full((4,), 0.1))
+
+
+@pytest.mark.parametrize("cls", [HOPE, S4D])
+def test_feedthrough_init_is_standard_normal(cls):
+    D = cls(20000, d_state=2).D.double()
+    assert abs(D.mean().item()) < 0.03 and D.std().item() == pytest.approx(1.0, rel=0.02)
+
+
+def test_s4d_lin_and_inv_inits_are_the_papers_formulas():
+    """S4D-Lin A_n = -1/2 + i pi n and S4D-Inv A_n = -1/2 + i (N/pi)(N/(2n+1) - 1), restated from the S4D paper;
+    b_in = 1, so C is a standard complex Gaussian (E|C|^2 = 1: real and imaginary parts of variance 1/2)."""
+    N = 64
+    n = torch.arange(N // 2, dtype=f64)
+    for init, imag in (("lin", math.pi * n), ("inv", (N / math.pi) * (N / (2 * n + 1) - 1))):
+        layer = S4D(3, d_state=N, init=init)
+        torch.testing.assert_close(REAL_PARAMS["exp"][0](layer.w).double(), torch.full((3, N // 2), -0.5, dtype=f64))
+        torch.testing.assert_close(layer.A_imag.double(), imag.expand(3, -1), rtol=1e-6, atol=1e-5)
+    C = torch.view_as_complex(S4D(4000, d_state=N).C.double())
+    assert C.real.std().item() == pytest.approx(math.sqrt(0.5), rel=0.02)
+    assert C.imag.std().item() == pytest.approx(math.sqrt(0.5), rel=0.02)
+    assert abs(C.real.mean().item()) < 0.01 and abs(C.imag.mean().item()) < 0.01
+
+
+@pytest.mark.parametrize("cls", [HOPE, S4D])
+def test_layers_compile_fullgraph(cls):
+    """torch.compile(fullgraph=True): no graph break, the same output and gradients as eager (skipped without a
+    C++ compiler, which the CPU backend needs)."""
+    if not any(map(shutil.which, ("g++", "clang++", "c++"))):
+        pytest.skip("torch.compile's CPU backend needs a C++ compiler")
+    layer = cls(8, d_state=8, dt_min=1e-3, dt_max=0.1)
+    u = torch.randn(2, 8, 64, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True)
+    y_eager, y = layer(u), compiled(u)
+    torch.testing.assert_close(y, y_eager, rtol=1e-4, atol=1e-5)
+    g_eager = torch.autograd.grad(y_eager.square().sum(), [u] + list(layer.parameters()))
+    g = torch.autograd.grad(y.square().sum(), [u] + list(layer.parameters()))
+    for a, b in zip(g, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
 def test_h_init_is_the_real_part_of_the_authors_init():

@@ -298,6 +298,22 @@ def test_misuse_writes_nothing(tmp_path, capsys):
     refused(capsys, small_args(tmp_path), "holds an earlier run", "--resume")
 
 
+def test_download_broken_midway_leaves_nothing(tmp_path, monkeypatch):
+    """The connection opens, then drops: the partial file and the folder made for it are removed."""
+    class Dropped(io.BytesIO):
+        def read(self, size=-1):
+            if self.tell():
+                raise ConnectionResetError("connection reset")
+            return super().read(4)
+
+        def __exit__(self, *exc):
+            return False
+    monkeypatch.setattr(ts.urllib.request, "urlopen", lambda *a, **k: Dropped(b"0123456789"))
+    with pytest.raises(ts.DataError, match="connection reset"):
+        ts.load_cifar10(str(tmp_path / "d" / "e"))
+    assert os.listdir(tmp_path) == []
+
+
 def test_cifar_offline_names_the_offline_dataset_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ts.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(ts.urllib.error.URLError("offline")))
     monkeypatch.chdir(tmp_path)

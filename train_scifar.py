@@ -80,21 +80,22 @@ def download(url, path, md5, offline_hint=""):
     """Fetch url to path via path + '.part', renamed only after the MD5 matches. A folder made for it is
     removed again if the download fails, so a failed run leaves nothing behind."""
     part, folder = path + ".part", os.path.dirname(path) or "."
-    made = []
+    missing, d = [], os.path.abspath(folder)  # the folders this download will create, deepest first
+    while not os.path.isdir(d):
+        missing, d = missing + [d], os.path.dirname(d)
     print(f"downloading {url} to {path}")
     try:
         with urllib.request.urlopen(url, timeout=30) as r:
-            if not os.path.isdir(folder):
-                os.makedirs(folder)
-                made.append(folder)
+            os.makedirs(folder, exist_ok=True)
             with open(part, "wb") as f:
                 for chunk in iter(lambda: r.read(1 << 20), b""):
                     f.write(chunk)
     except (urllib.error.URLError, OSError) as e:
         if os.path.exists(part):
             os.remove(part)
-        for d in made:
-            os.rmdir(d)
+        for d in missing:
+            if os.path.isdir(d):
+                os.rmdir(d)
         raise DataError(f"could not download {url} ({e}). Without network access, download it elsewhere and put "
                         f"{os.path.basename(path)} in {folder}/{offline_hint}") from None
     if md5sum(part) != md5:
@@ -552,7 +553,6 @@ def record(args, argv):
     text = json.dumps(config, indent=1)
     os.makedirs(args.out, exist_ok=True)
     atomic_write(path, lambda f: f.write(text.encode()))
-    return text
 
 
 def main(argv=None):
@@ -566,7 +566,8 @@ def main(argv=None):
     except DataError as e:
         raise SystemExit(f"error: {e}")
     args.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(record(args, argv))
+    print(json.dumps(vars(args), indent=1))
+    record(args, argv)
     use_bf16 = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     x_train = data["train"][0]
