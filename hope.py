@@ -60,7 +60,7 @@ Few, large operations (a GPU launches one kernel per operation in eager PyTorch)
 autograd Function whose forward and backward are each a few dozen operations, whatever n and L.
 
 Exact, all of it (vs the step-by-step recurrence, dt 1e-4..10, n <= 64, L <= 1024: relative error at most
-1.4e-13 in float64 and 2.0e-5 in float32, measured; up to 8e-5 in float32 at n = 128, L = 2048; TF32
+1.4e-13 in float64 and 2.0e-5 in float32, measured; up to 9e-5 in float32 at n = 128, L = 2048; TF32
 matmuls, off by default, would give ~3e-4, measured on an H100). Autocast leaves the kernel and the FFTs
 in float32.
     algorithm1             the paper's circular convolution of length L, written literally.
@@ -116,28 +116,25 @@ def _check_positive(dt):
 
 
 def _nodes(nfft, groups, like):
-    """theta (groups, N): the rfft nodes 2 pi k / nfft, k = 0 .. groups N - 1, node k in row k mod groups.
+    """theta (N, groups): the rfft nodes 2 pi k / nfft, k = 0 .. groups N - 1, node k in column k mod groups.
 
     groups = 2 splits the nodes into even and odd k (the exact kernel treats them differently).
     N = nfft // (2 groups) + 1 covers k = 0 .. nfft / 2, with at most one node to spare.
     """
     N = nfft // (2 * groups) + 1
-    k = torch.arange(groups * N, dtype=like.dtype, device=like.device).view(N, groups).T.contiguous()  # (G, N)
-    return k * (2 * math.pi / nfft)
+    return torch.arange(groups * N, dtype=like.dtype, device=like.device).view(N, groups) * (2 * math.pi / nfft)
 
 
 def _warp(log_dt, theta):
-    """psi = arg omega' at the nodes omega = exp(i theta), and a: log_dt (H,), theta (G, N) -> (H, G, N), (H, 1, 1).
+    """psi = arg omega' at the nodes omega = exp(i theta), and a: log_dt (H,), theta (N, G) -> (H, N, G), (H, 1, 1).
 
     The warped node of step 3 is omega' = exp(i psi) with psi = theta + 2 atan2(a sin theta, 1 - a cos theta);
-    no singularity, unlike steps 2-3 of algorithm1. 1 - a cos theta is computed as (1 - a) + a (1 - cos theta)
-    with 1 - a = 2 sigmoid(log dt) and a = tanh(-log dt / 2), in float64 (the callers' choice): so a small dt
-    keeps its digits near theta = 0, and psi is exact to float64 round-off before it multiplies powers up to n.
+    no singularity, unlike steps 2-3 of algorithm1. Called in float64: 1 - a cos theta keeps the digits of a
+    small dt near theta = 0 (float32 would lose them all), and psi is exact to round-off before it multiplies
+    powers up to n.
     """
-    sin, versin = torch.sin(theta), 1 - torch.cos(theta)  # (G, N)
-    one_minus_a, a = 2 * torch.sigmoid(log_dt)[:, None, None], torch.tanh(-log_dt / 2)[:, None, None]  # (H, 1, 1)
-    y, x = a * sin, torch.addcmul(one_minus_a, a, versin)  # (H, G, N): a sin theta, 1 - a cos theta
-    return torch.add(theta, torch.atan2(y, x), alpha=2), a
+    a = torch.tanh(log_dt * -0.5)[:, None, None]  # (H, 1, 1): (1 - dt) / (1 + dt)
+    return torch.add(theta, torch.atan2(a * torch.sin(theta), 1 - a * torch.cos(theta)), alpha=2), a
 
 
 def _tail_series(h, a, L, length):
@@ -152,9 +149,9 @@ def _tail_series(h, a, L, length):
     """
     n = h.shape[1]
     M, rho = 8 * n, 10 ** (-2 / n)
-    scale = rho ** torch.arange(n, dtype=torch.float64, device=h.device)  # rho^i
-    x = torch.polar(torch.full((M // 2 + 1,), rho, dtype=torch.float64, device=h.device),
-                    torch.arange(M // 2 + 1, dtype=torch.float64, device=h.device) * (2 * math.pi / M))  # (M/2 + 1,)
+    k = torch.arange(M // 2 + 1, dtype=torch.float64, device=h.device)
+    scale = rho ** k[:n]  # rho^i
+    x = torch.polar(torch.full_like(k, rho), k * (2 * math.pi / M))  # rho exp(2 pi i k / M)
     ax = a * x + 1  # (H, M/2 + 1)
     w = (a + x) / ax
     wN = w ** max(L - 2, 0)  # w^(L-2): the derivative's part (w^(L-1) / w would divide by w, which may be 0)
@@ -179,10 +176,19 @@ def _tail_series_adjoint(dE, L, a, x, ax, wN, Q, hhat, scale, with_da=True):
 
 
 def _exp_i(psi, step, count):
-    """exp(i s psi) for s = 0, step, .., (count - 1) step: psi (R, 1, N) -> complex (R, count, N), from a cos and a
-    sin (real arithmetic, which torch.compile can fuse)."""
+    """exp(i s psi) for s = 0, step, .., (count - 1) step: psi (R, 1, N) -> complex (R, count, N).
+
+    Eager: cos and sin written straight into the complex table (1.5x its memory at the peak, not 2x).
+    torch.compile rejects that strided out=, and fuses cos, sin and complex anyway.
+    """
     angles = psi * torch.arange(0, step * count, step, dtype=psi.dtype, device=psi.device)[:, None]  # (R, count, N)
-    return torch.complex(torch.cos(angles), torch.sin(angles))
+    if torch.compiler.is_compiling():
+        return torch.complex(torch.cos(angles), torch.sin(angles))
+    table = torch.empty(angles.shape, dtype=torch.complex128 if psi.dtype == torch.float64 else torch.complex64,
+                        device=psi.device)
+    torch.cos(angles, out=table.real)
+    torch.sin(angles, out=table.imag)
+    return table
 
 
 class _Spectrum(torch.autograd.Function):
@@ -205,10 +211,9 @@ class _Spectrum(torch.autograd.Function):
         G, c = 1 + causal, math.isqrt(n + 1) + 1  # c ~ sqrt(n) powers per block
         J = -(-(n + 2) // c)  # J blocks, c J >= n + 2: b^0 .. b^(n+1), one more than P has (see backward)
         log_dt64 = log_dt.double()
-        psi, a64 = _warp(log_dt64, _nodes(nfft, G, log_dt64))  # (H, G, N), (H, 1, 1): float64
-        N, a = psi.shape[2], a64.to(h.dtype)
-        psi = psi.to(h.dtype).view(H * G, 1, N)
-        b_r, beta_j = _exp_i(psi, -1, c), _exp_i(psi, -c, J)  # (HG, c, N): b^r, (HG, J, N): beta^j = b^(cj); b = exp(-i psi)
+        psi, a64 = _warp(log_dt64, _nodes(nfft, G, log_dt64))  # (H, N, G), (H, 1, 1): float64
+        N, a = psi.shape[1], a64.to(h.dtype)
+        psi = psi.transpose(1, 2).to(h.dtype, copy=True, memory_format=torch.contiguous_format).view(H * G, 1, N)  # groups
         coef = F.pad(h, (1, c * J - n - 1))[:, None]  # (H, 1, cJ): g = [0, h, 0 ..]
         ctx.tail = ()
         if causal:
@@ -216,18 +221,24 @@ class _Spectrum(torch.autograd.Function):
             ctx.E = E[:, :-1]  # E_(j-1)
             q = torch.addcmul(E[:, 1:], a[:, 0], ctx.E)  # (H, cJ): q_j = E_j + a E_(j-1)
             coef = torch.addcmul(coef, torch.arange(-1, 2, 2, dtype=h.dtype, device=h.device)[:, None], q[:, None])  # (H, 2, cJ): g -/+ q
-        ctx.save_for_backward(coef, a, b_r, beta_j)
+        # U_r = sum_j coef_{cj+r} beta^j first, then P = sum_r b^r U_r: the powers of beta are gone before those of b
+        # come, and only the latter are kept for the backward (c + J tables at the peak, never c + 2J).
+        beta_j = torch.view_as_real(_exp_i(psi, -c, J)).view(H * G, J, 2 * N)  # (HG, J, 2N): b = exp(-i psi)
+        U = coef.view(H * G, J, c).mT @ beta_j  # (HG, c, J) @ (HG, J, 2N) -> (HG, c, 2N): Re, Im interleaved
+        del beta_j
+        b_r = _exp_i(psi, -1, c)  # (HG, c, N)
+        ctx.save_for_backward(coef, a, b_r, psi)
         ctx.n = n
-        S = coef.view(H * G, J, c) @ torch.view_as_real(b_r).view(H * G, c, 2 * N)  # (HG, J, 2N): Re, Im interleaved
-        P = torch.view_as_complex(S.view(H * G, J, N, 2)).mul_(beta_j).sum(1)  # (HG, N)
+        P = torch.view_as_complex(U.view(H * G, c, N, 2)).mul_(b_r).sum(1)  # (HG, N)
         return P.view(H, G, N).transpose(1, 2).reshape(H, G * N)[:, :nfft // 2 + 1]  # (H, nfft//2 + 1): in order
 
     @staticmethod
     def backward(ctx, grad):
-        coef, a, b_r, beta_j = ctx.saved_tensors
-        (H, G, cJ), N = coef.shape, b_r.shape[2]
+        coef, a, b_r, psi = ctx.saved_tensors
+        (H, G, cJ), (c, N) = coef.shape, b_r.shape[1:]
         grad = F.pad(grad, (0, G * N - grad.shape[1])).view(H, N, G).transpose(1, 2).conj().contiguous()  # (H, G, N): groups
-        T = (beta_j.view(H, G, -1, N) * grad[:, :, None]).view(H * G, -1, N)  # (HG, J, N): conj(grad) beta^j
+        beta_j = _exp_i(psi, -c, cJ // c)  # recomputed rather than kept: the forward's peak stays c + J tables
+        T = beta_j.view(H, G, -1, N).mul_(grad[:, :, None]).view(H * G, -1, N)  # (HG, J, N): conj(grad) beta^j
         dcoef = (T @ b_r.mT).real.reshape(H, G, cJ)  # (HG, J, N) @ (HG, N, c) -> (H, G, cJ)
         dh = dcoef.sum(1)[:, 1:ctx.n + 1]  # g = [0, h, 0 ..]
         if ctx.tail:
