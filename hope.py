@@ -116,11 +116,8 @@ def _check_positive(dt):
 
 
 def _nodes(nfft, groups, like):
-    """theta (N, groups): the rfft nodes 2 pi k / nfft, k = 0 .. groups N - 1, node k in column k mod groups.
-
-    groups = 2 splits the nodes into even and odd k (the exact kernel treats them differently).
-    N = nfft // (2 groups) + 1 covers k = 0 .. nfft / 2, with at most one node to spare.
-    """
+    """theta (N, groups): the rfft nodes 2 pi k / nfft, k = 0 .. groups N - 1 (>= nfft / 2), node k in column
+    k mod groups: groups = 2 splits even and odd k, which the exact kernel treats differently."""
     N = nfft // (2 * groups) + 1
     return torch.arange(groups * N, dtype=like.dtype, device=like.device).view(N, groups) * (2 * math.pi / nfft)
 
@@ -176,11 +173,8 @@ def _tail_series_adjoint(dE, L, a, x, ax, wN, Q, hhat, scale, with_da=True):
 
 
 def _exp_i(psi, step, count):
-    """exp(i s psi) for s = 0, step, .., (count - 1) step: psi (R, 1, N) -> complex (R, count, N).
-
-    Eager: cos and sin written straight into the complex table (1.5x its memory at the peak, not 2x).
-    torch.compile rejects that strided out=, and fuses cos, sin and complex anyway.
-    """
+    """exp(i s psi) for s = 0, step, .., (count - 1) step: psi (R, 1, N) -> complex (R, count, N). Eager: cos and
+    sin written into the table (1.5x its memory at the peak, not 2x); torch.compile rejects that strided out=."""
     angles = psi * torch.arange(0, step * count, step, dtype=psi.dtype, device=psi.device)[:, None]  # (R, count, N)
     if torch.compiler.is_compiling():
         return torch.complex(torch.cos(angles), torch.sin(angles))
@@ -258,20 +252,13 @@ class _Spectrum(torch.autograd.Function):
 
 
 def hope_transfer(h, dt, nfft):
-    """G_dt(z_k) = sum_i h_i b(z_k)^(i+1) at the rfft nodes of length nfft; -> complex (H, nfft//2 + 1).
-
-    The circular mode's spectrum (Algorithm 1). No input checks (called every step by the layer).
-    """
+    """G_dt(z_k) = sum_i h_i b(z_k)^(i+1) at the rfft nodes of length nfft (Algorithm 1's spectrum); -> (H, nfft//2 + 1)."""
     return _Spectrum.apply(h, dt.log(), nfft, False)
 
 
 def hope_kernel_spectrum(h, dt, L):
     """The rfft (length 2L) of the exact causal kernel k[0..L-1] zero-padded to 2L; -> complex (H, L + 1).
-
-    K_L(z_k) = G(z_k) - (-1)^k R(z_k) = sum_m c_m b_k^m with c = [0, h] - (-1)^k q (module docstring):
-    one polynomial evaluation, even nodes and odd nodes batched with their own coefficients.
-    No input checks (called every step by the layer); hope_kernel is the checked public entry.
-    """
+    No input checks; hope_kernel is the checked public entry."""
     return _Spectrum.apply(h, dt.log(), 2 * L, True)
 
 
