@@ -192,11 +192,11 @@ class _Spectrum(torch.autograd.Function):
     causal (nfft = 2L): K_L(z_k) = sum_m (g_m - (-1)^k q_m) b_k^m, the exact kernel's spectrum at the 2L nodes
         (module docstring), even and odd nodes as two groups with their own coefficients.
     Split m = c j + r (c ~ sqrt(n) powers per block, J blocks): b^m = b^r beta^j with beta = b^c, so
-    P = sum_j beta^j S_j with S_j = sum_r coef_{cj+r} b^r: one batched matmul, one product, one sum, and
+    P = sum_r b^r U_r with U_r = sum_j coef_{cj+r} beta^j: one batched matmul, one product, one sum, and
     O(H N sqrt(n)) memory, not the O(H N n) of the literal form. For a real loss and PyTorch's convention
     dLoss/dx = Re(conj(grad) dP/dx), the backward is the transposed evaluation dcoef_m = Re sum_k conj(grad_k) b_k^m
-    (one matmul with the saved tables); da follows from dcoef alone (db/da is a polynomial in b, see backward),
-    then the tail's adjoint. No autograd graph inside. Takes log dt, the layer's parameter.
+    (one matmul of conj(grad) beta^j with the saved b^r); da follows from dcoef alone (db/da is a polynomial in
+    b, see backward), then the tail's adjoint. No autograd graph inside. Takes log dt, the layer's parameter.
     """
 
     @staticmethod
