@@ -155,10 +155,10 @@ def _tail_series(h, a, L, length):
     Q = (wN * w if L > 1 else 1) / ax
     hhat = torch.fft.rfft(h.double() / scale, n=M)  # hhat(x_l) = sum_i h_i rho^-i exp(-2 pi i i l / M)
     E = torch.fft.irfft(hhat * Q, n=M)[:, :n] * scale  # (H, n)
-    return F.pad(E.to(h.dtype), (1, length - n)), (L, a, x, ax, wN, Q, hhat, scale)  # [0, E, 0 ..]
+    return F.pad(E.to(h.dtype), (1, length - n)), (L, x, ax, wN, Q, hhat, scale)  # [0, E, 0 ..]
 
 
-def _tail_series_adjoint(dE, L, a, x, ax, wN, Q, hhat, scale, with_da=True):
+def _tail_series_adjoint(dE, L, x, ax, wN, Q, hhat, scale, with_da=True):
     """dh (H, n) and da (H,) (None unless with_da) of sum_j dE_j E_j: h -> E correlates with Q, so dh correlates
     dE with conj(Q); da pairs dE with E computed from dQ/da, pointwise on the circle:
         dQ/da = w^(L-2) (L (1 - x^2) - (1 + a x)) / (1 + a x)^3    (L >= 2),    -x / (1 + a x)^2   (L = 1)."""
@@ -333,7 +333,7 @@ class HOPE(nn.Module):
 
     def kernel(self, L):
         """Causal kernels (H, L) of the current parameters; bidirectional: (2H, L), rows H.. are k_bwd."""
-        return torch.fft.irfft(_Spectrum.apply(self.h, self.log_dt, 2 * L, True), n=2 * L)[:, :L]
+        return hope_kernel(self.h, self.log_dt.exp(), L)
 
     def forward(self, u):
         if not self.transposed:
