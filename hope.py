@@ -151,7 +151,9 @@ def _tail_series(h, a, L, length):
     x = torch.polar(torch.full_like(k, rho), k * (2 * math.pi / M))  # rho exp(2 pi i k / M)
     ax = a * x + 1  # (H, M/2 + 1)
     w = (a + x) / ax
-    wN = w ** max(L - 2, 0)  # w^(L-2): the derivative's part (w^(L-1) / w would divide by w, which may be 0)
+    # w^(L-2), the derivative's part (w^(L-1) / w would divide by w, which may be 0), from modulus and angle: a complex
+    # power is a scalar loop on the CPU, these are vectorized
+    wN = torch.polar(w.abs() ** max(L - 2, 0), w.angle() * max(L - 2, 0))
     Q = (wN * w if L > 1 else 1) / ax
     hhat = torch.fft.rfft(h.double() / scale, n=M)  # hhat(x_l) = sum_i h_i rho^-i exp(-2 pi i i l / M)
     E = torch.fft.irfft(hhat * Q, n=M)[:, :n] * scale  # (H, n)
@@ -172,17 +174,12 @@ def _tail_series_adjoint(dE, L, x, ax, wN, Q, hhat, scale, with_da=True):
     return dh.to(dE.dtype), da.to(dE.dtype)
 
 
-def _exp_i(psi, step, count):
-    """exp(i s psi) for s = 0, step, .., (count - 1) step: psi (R, 1, N) -> complex (R, count, N). Eager: cos and
-    sin written into the table (1.5x its memory at the peak, not 2x); torch.compile rejects that strided out=."""
-    angles = psi * torch.arange(0, step * count, step, dtype=psi.dtype, device=psi.device)[:, None]  # (R, count, N)
-    if torch.compiler.is_compiling():
-        return torch.complex(torch.cos(angles), torch.sin(angles))
-    table = torch.empty(angles.shape, dtype=torch.complex128 if psi.dtype == torch.float64 else torch.complex64,
-                        device=psi.device)
-    torch.cos(angles, out=table.real)
-    torch.sin(angles, out=table.imag)
-    return table
+def _exp_i(base, step, count, offset):
+    """exp(i s psi) for s = 0, step, .., (count - 1) step: complex (R, count, N), from base (R, 1, N, 2) holding each
+    angle psi twice and offset (N, 2) = [pi / 2, 0]: one sine over the interleaved angles gives cos (sin(x + pi/2))
+    and sin side by side, written in place into the table itself (contiguous and vectorized; no separate angles)."""
+    s = torch.arange(0, step * count, step, dtype=base.dtype, device=base.device)[:, None, None]  # (count, 1, 1)
+    return torch.view_as_complex(torch.addcmul(offset, base, s).sin_())  # (R, count, N, 2) -> (R, count, N)
 
 
 class _Spectrum(torch.autograd.Function):
@@ -207,7 +204,12 @@ class _Spectrum(torch.autograd.Function):
         log_dt64 = log_dt.double()
         psi, a64 = _warp(log_dt64, _nodes(nfft, G, log_dt64))  # (H, N, G), (H, 1, 1): float64
         N, a = psi.shape[1], a64.to(h.dtype)
-        psi = psi.transpose(1, 2).to(h.dtype, copy=True, memory_format=torch.contiguous_format).view(H * G, 1, N)  # groups
+        # b^r = exp(-i r psi) and beta^j = exp(-i c j (psi mod 2 pi / c)): every angle stays below 2 pi max(c, J),
+        # so its float32 rounding is ~1e-6, where c j psi itself would reach n pi.
+        interleaved = lambda p: p.transpose(1, 2)[..., None].expand(H, G, N, 2).to(
+            h.dtype, copy=True, memory_format=torch.contiguous_format).view(H * G, 1, N, 2)  # (HG, 1, N, 2): groups, twice
+        base, base_c = interleaved(psi), interleaved(psi.remainder(2 * math.pi / c))
+        offset = F.pad(h.new_full((N, 1), math.pi / 2), (0, 1))  # (N, 2): [pi / 2, 0]
         coef = F.pad(h, (1, c * J - n - 1))[:, None]  # (H, 1, cJ): g = [0, h, 0 ..]
         ctx.tail = ()
         if causal:
@@ -217,23 +219,25 @@ class _Spectrum(torch.autograd.Function):
             coef = torch.addcmul(coef, torch.arange(-1, 2, 2, dtype=h.dtype, device=h.device)[:, None], q[:, None])  # (H, 2, cJ): g -/+ q
         # U_r = sum_j coef_{cj+r} beta^j first, then P = sum_r b^r U_r: the powers of beta are gone before those of b
         # come, and only the latter are kept for the backward (c + J tables at the peak, never c + 2J).
-        beta_j = torch.view_as_real(_exp_i(psi, -c, J)).view(H * G, J, 2 * N)  # (HG, J, 2N): b = exp(-i psi)
+        beta_j = torch.view_as_real(_exp_i(base_c, -c, J, offset)).view(H * G, J, 2 * N)  # (HG, J, 2N): b = exp(-i psi)
         U = coef.view(H * G, J, c).mT @ beta_j  # (HG, c, J) @ (HG, J, 2N) -> (HG, c, 2N): Re, Im interleaved
         del beta_j
-        b_r = _exp_i(psi, -1, c)  # (HG, c, N)
-        ctx.save_for_backward(coef, a, b_r, psi)
+        b_r = _exp_i(base, -1, c, offset)  # (HG, c, N)
+        ctx.save_for_backward(coef, a, b_r, base_c, offset)
         ctx.n = n
         P = torch.view_as_complex(U.view(H * G, c, N, 2)).mul_(b_r).sum(1)  # (HG, N)
         return P.view(H, G, N).transpose(1, 2).reshape(H, G * N)[:, :nfft // 2 + 1]  # (H, nfft//2 + 1): in order
 
     @staticmethod
     def backward(ctx, grad):
-        coef, a, b_r, psi = ctx.saved_tensors
+        coef, a, b_r, base_c, offset = ctx.saved_tensors
         (H, G, cJ), (c, N) = coef.shape, b_r.shape[1:]
-        grad = F.pad(grad, (0, G * N - grad.shape[1])).view(H, N, G).transpose(1, 2).conj().contiguous()  # (H, G, N): groups
-        beta_j = _exp_i(psi, -c, cJ // c)  # recomputed rather than kept: the forward's peak stays c + J tables
-        T = beta_j.view(H, G, -1, N).mul_(grad[:, :, None]).view(H * G, -1, N)  # (HG, J, N): conj(grad) beta^j
-        dcoef = (T @ b_r.mT).real.reshape(H, G, cJ)  # (HG, J, N) @ (HG, N, c) -> (H, G, cJ)
+        grad = F.pad(grad, (0, G * N - grad.shape[1])).view(H, N, G).transpose(1, 2)  # (H, G, N): groups
+        # dcoef_(cj+r) = Re sum_k grad_k conj(beta^j b^r)_k: T = grad conj(beta^j) (recomputed rather than kept: the
+        # forward's peak stays c + J tables), then one real matmul pairs Re with Re and Im with Im.
+        T = _exp_i(base_c, c, cJ // c, offset).view(H, G, -1, N).mul_(grad[:, :, None])  # (H, G, J, N)
+        dcoef = torch.view_as_real(T).view(H * G, -1, 2 * N) @ torch.view_as_real(b_r).view(H * G, c, 2 * N).mT
+        dcoef = dcoef.view(H, G, cJ)  # (HG, J, 2N) @ (HG, 2N, c) -> (H, G, cJ)
         dh = dcoef.sum(1)[:, 1:ctx.n + 1]  # g = [0, h, 0 ..]
         if ctx.tail:
             dq = dcoef[:, 1] - dcoef[:, 0]  # coef = g -/+ q
@@ -242,12 +246,12 @@ class _Spectrum(torch.autograd.Function):
             dh = dh + dh_tail
         if not ctx.needs_input_grad[1]:  # dt frozen (a buffer): no dt gradient to compute
             return dh, None, None, None
-        # db/da = (b^2 - 1) / (1 - a^2), so dP/da = sum_m d_m b^m / (1 - a^2), d_m = (m-1) c_(m-1) - (m+1) c_(m+1):
-        # dLoss/da pairs d with dcoef, and da/dlog_dt = -(1 - a^2) / 2 cancels the division.
-        mc = F.pad(coef * torch.arange(0, -cJ / 2, -0.5, dtype=coef.dtype, device=coef.device), (1, 1))  # -m c_m / 2
-        dlog_dt = ((mc[..., :-2] - mc[..., 2:]) * dcoef).sum((1, 2))
+        # db/da = (b^2 - 1) / (1 - a^2) makes dP/da = sum_m m coef_m (b^(m+1) - b^(m-1)) / (1 - a^2), and
+        # da/dlog_dt = -(1 - a^2) / 2 cancels the division: dLoss/dlog_dt pairs m coef_m with dcoef's differences.
+        m_half = torch.arange(-0.5, (1 - cJ) / 2, -0.5, dtype=coef.dtype, device=coef.device)  # -m / 2, m = 1 .. cJ - 2
+        dlog_dt = ((dcoef[..., 2:] - dcoef[..., :-2]) * coef[..., 1:-1] * m_half).sum((1, 2))
         if ctx.tail:
-            dlog_dt = torch.addcmul(dlog_dt, da_tail + (dq * ctx.E).sum(1), (a[:, 0, 0] ** 2 - 1) / 2)
+            dlog_dt = torch.addcmul(dlog_dt, da_tail + (dq * ctx.E).sum(1), a[:, 0, 0] * a[:, 0, 0] - 1, value=0.5)
         return dh, dlog_dt, None, None
 
 
@@ -383,8 +387,9 @@ class HOPE(nn.Module):
                              f"from default_state(B), got {tuple(u_t.shape)} and {tuple(state.shape)}")
         a = torch.tanh(-self.log_dt / 2)[:, None]  # (H, 1): (1 - dt) / (1 + dt)
         v = torch.cat([u_t[..., None], torch.addcmul(state[..., :-1], a, state[..., 1:])], -1)  # (B, H, n + 1)
-        k = torch.arange(self.n + 1, device=u_t.device)
-        M = torch.pow(-a, k)[:, (k[:, None] - k).clamp(min=0)].tril()  # (H, n + 1, n + 1): (-a)^(i-j) for i >= j
+        p = torch.pow(-a, torch.arange(self.n + 1, device=u_t.device))  # (H, n + 1): (-a)^k
+        # Windows of [0 (n times), p] reversed: M[i, j] = p[i - j] for i >= j, else 0 (a strided view, one copy)
+        M = F.pad(p, (self.n, 0)).unfold(-1, self.n + 1, 1).flip(-1)  # (H, n + 1, n + 1)
         state = torch.einsum("hij,bhj->bhi", M, v)  # (B, H, n + 1)
         y = (state[..., 1:] * self.h).sum(-1)  # (B, H)
         return self._block(y[..., None], u_t[..., None])[..., 0], state
