@@ -292,6 +292,31 @@ def two_sided(K, L):
     return K[:H] + torch.polar(torch.ones_like(k), k * (math.pi / L)) * K[H:].conj()  # z_k = exp(2 pi i k / 2L)
 
 
+class _FFTConv(torch.autograd.Function):
+    """y = irfft(rfft(u, nfft) K, nfft)[..., :L]: real u (B, H, L), complex K (H, nfft//2 + 1) -> (B, H, L).
+
+    The adjoint written out: du = irfft(rfft(dy) conj(K))[:L], a correlation with the kernel, and
+    dK = sum_B dY conj(U), dY = rfft(dy) / nfft doubled on the bins that stand for two (irfft's weights).
+    Autograd would run rfft's backward as a full complex FFT of a zero-filled spectrum: twice the work.
+    """
+
+    @staticmethod
+    def forward(ctx, u, K, nfft):
+        U = torch.fft.rfft(u, n=nfft)  # (B, H, nfft//2 + 1)
+        ctx.save_for_backward(U, K)
+        ctx.nfft = nfft
+        return torch.fft.irfft(U * K, n=nfft)[..., :u.shape[-1]]
+
+    @staticmethod
+    def backward(ctx, dy):
+        (U, K), nfft = ctx.saved_tensors, ctx.nfft
+        dY = torch.fft.rfft(dy, n=nfft, norm="forward")  # (B, H, nfft//2 + 1): rfft(dy) / nfft
+        du = torch.fft.irfft(dY * K.conj(), n=nfft, norm="forward")[..., :dy.shape[-1]] if ctx.needs_input_grad[0] else None
+        dK = (dY * U.conj()).sum(0)  # (H, nfft//2 + 1)
+        dK[:, 1:(nfft + 1) // 2] *= 2
+        return du, dK, None
+
+
 def _register(module, name, tensor, lr, weight_decay=0.0):
     """lr == 0: frozen buffer; else a parameter, with an optimizer hint when lr is given (state-spaces/s4
     style); weight_decay=None leaves its weight decay to the optimizer."""
@@ -352,11 +377,11 @@ class HOPE(nn.Module):
         L = u.shape[-1]
         if self.circular:
             G = _Spectrum.apply(self.h, self.log_dt, L, False)  # (H, L//2 + 1): hope_transfer
-            y = torch.fft.irfft(torch.fft.rfft(u, n=L) * G, n=L)  # (B, H, L)
+            y = _FFTConv.apply(u, G, L)  # (B, H, L)
         else:
             K = _Spectrum.apply(self.h, self.log_dt, 2 * L, True)  # (H, L + 1), or (2H, L + 1): hope_kernel_spectrum
             K = two_sided(K, L) if self.bidirectional else K  # (H, L + 1)
-            y = torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * K, n=2 * L)[..., :L]  # (B, H, L)
+            y = _FFTConv.apply(u, K, 2 * L)  # (B, H, L): zero-padded to 2L, no wrap-around
         y = self._block(y, u)
         return y if self.transposed else y.transpose(-1, -2)
 

@@ -95,6 +95,31 @@ def _kernel(dt, A, C, L):
     return 2 * torch.einsum("chn,hnl->chl", C * (torch.exp(dtA) - 1) / A, vander).real.flatten(0, 1)  # (cH, L)
 
 
+class _FFTConv(torch.autograd.Function):
+    """y = irfft(rfft(u, nfft) K, nfft)[..., :L]: real u (B, H, L), complex K (H, nfft//2 + 1) -> (B, H, L).
+
+    The adjoint written out: du = irfft(rfft(dy) conj(K))[:L], a correlation with the kernel, and
+    dK = sum_B dY conj(U), dY = rfft(dy) / nfft doubled on the bins that stand for two (irfft's weights).
+    Autograd would run rfft's backward as a full complex FFT of a zero-filled spectrum: twice the work.
+    """
+
+    @staticmethod
+    def forward(ctx, u, K, nfft):
+        U = torch.fft.rfft(u, n=nfft)  # (B, H, nfft//2 + 1)
+        ctx.save_for_backward(U, K)
+        ctx.nfft = nfft
+        return torch.fft.irfft(U * K, n=nfft)[..., :u.shape[-1]]
+
+    @staticmethod
+    def backward(ctx, dy):
+        (U, K), nfft = ctx.saved_tensors, ctx.nfft
+        dY = torch.fft.rfft(dy, n=nfft, norm="forward")  # (B, H, nfft//2 + 1): rfft(dy) / nfft
+        du = torch.fft.irfft(dY * K.conj(), n=nfft, norm="forward")[..., :dy.shape[-1]] if ctx.needs_input_grad[0] else None
+        dK = (dY * U.conj()).sum(0)  # (H, nfft//2 + 1)
+        dK[:, 1:(nfft + 1) // 2] *= 2
+        return du, dK, None
+
+
 def _register(module, name, tensor, lr):
     """lr == 0: frozen buffer; else a parameter, with an optimizer hint when lr is given (state-spaces/s4 style)."""
     if lr == 0.0:
@@ -159,7 +184,7 @@ class S4D(nn.Module):
         if self.bidirectional:  # y[t] += sum_{s>t} k_bwd[s-t-1] u[s]: k_bwd[j] at lag -(j+1), i.e. 2L-j-1 on the circle
             k = torch.cat([k[:self.H], k[self.H:].flip(-1)], -1)  # (H, 2L); u is padded, so lags never wrap around
         k_f = torch.fft.rfft(k, n=2 * L)  # (H, L + 1)
-        y = torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * k_f, n=2 * L)[..., :L]  # (B, H, L)
+        y = _FFTConv.apply(u, k_f, 2 * L)  # (B, H, L)
         y = self._block(y, u)
         return y if self.transposed else y.transpose(-1, -2)
 

@@ -352,7 +352,7 @@ def test_warp_preserves_hankel_singular_values(dt):
 @pytest.mark.parametrize("n", [1, 5, 9])
 @pytest.mark.parametrize("dt", [1e-3, 0.1, 2.0])
 def test_hope_kernel_gradcheck(n, dt):
-    """The analytic backward of the polynomial and autograd through the tail, for h and dt."""
+    """The hand-written backward (the polynomial and the tail's adjoint), for h and dt."""
     h = torch.randn(2, n, dtype=f64, requires_grad=True)
     dts = torch.tensor([dt, 1.7 * dt], dtype=f64, requires_grad=True)
     for L in (1, 2, 12):
@@ -366,6 +366,19 @@ def test_hope_kernel_gradcheck_with_dt_frozen():
     dt = torch.tensor([1e-3, 0.5], dtype=f64)
     for L in (1, 12):
         assert torch.autograd.gradcheck(lambda h: hope_kernel(h, dt, L), (h,))
+
+
+@pytest.mark.parametrize("make", [lambda: HOPE(3, 4), lambda: HOPE(3, 4, circular=True),
+                                  lambda: HOPE(3, 4, bidirectional=True), lambda: S4D(3, 4)])
+@pytest.mark.parametrize("L", [1, 6, 7])
+def test_layer_gradcheck(make, L):
+    """The convolution's hand-written adjoint (even and odd FFT lengths) and the whole layer, against finite
+    differences: the input and every parameter."""
+    layer = make().double()
+    names, params = zip(*layer.named_parameters())
+    u = torch.randn(2, 3, L, dtype=f64, requires_grad=True)
+    run = lambda u, *p: torch.func.functional_call(layer, dict(zip(names, p)), (u,))
+    assert torch.autograd.gradcheck(run, (u, *params))
 
 
 @pytest.mark.parametrize("cls", [HOPE, S4D])
