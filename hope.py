@@ -57,12 +57,13 @@ The exact causal kernel
     the disk (_tail_series): one FFT pair, no loop over L, no (L, n) or (n, n) tensor.
 
 Few, large operations (a GPU launches one kernel per operation in eager PyTorch): the spectrum is one
-autograd Function whose forward and backward are each a few dozen operations, whatever n and L.
+autograd Function whose forward and backward are each a few dozen operations, whatever n and L, and the
+convolution's backward is written out too (_FFTConv).
 
-Exact, all of it (vs the step-by-step recurrence, dt 1e-4..10, n <= 64, L <= 1024: relative error at most
-1.4e-13 in float64 and 2.0e-5 in float32, measured; up to 9e-5 in float32 at n = 128, L = 2048; TF32
-matmuls, off by default, would give ~3e-4, measured on an H100). Autocast leaves the kernel and the FFTs
-in float32.
+Exact, all of it (vs the step-by-step recurrence, dt 1e-4..10, n <= 64, L <= 1024, five seeds: relative error at
+most 2.7e-13 in float64 and 2.4e-5 in float32, 8e-6 at n = 128, L = 2048: results/precision.txt; TF32 matmuls,
+off by default, would give ~3e-4, measured on an H100 with an earlier version). Autocast leaves the kernel and the
+FFTs in float32.
     algorithm1             the paper's circular convolution of length L, written literally.
     circular=True in HOPE  exactly algorithm1, computed with rfft (faster, same numbers).
     hope_kernel            exactly the first L samples of the impulse response, every dt > 0.
@@ -192,7 +193,7 @@ class _Spectrum(torch.autograd.Function):
     P = sum_r b^r U_r with U_r = sum_j coef_{cj+r} beta^j: one batched matmul, one product, one sum, and
     O(H N sqrt(n)) memory, not the O(H N n) of the literal form. For a real loss and PyTorch's convention
     dLoss/dx = Re(conj(grad) dP/dx), the backward is the transposed evaluation dcoef_m = Re sum_k conj(grad_k) b_k^m
-    (one matmul of conj(grad) beta^j with the saved b^r); da follows from dcoef alone (db/da is a polynomial in
+    (one real matmul of grad conj(beta^j) with the saved b^r); da follows from dcoef alone (db/da is a polynomial in
     b, see backward), then the tail's adjoint. No autograd graph inside. Takes log dt, the layer's parameter.
     """
 
@@ -293,25 +294,21 @@ def two_sided(K, L):
 
 
 class _FFTConv(torch.autograd.Function):
-    """y = irfft(rfft(u, nfft) K, nfft)[..., :L]: real u (B, H, L), complex K (H, nfft//2 + 1) -> (B, H, L).
-
-    The adjoint written out: du = irfft(rfft(dy) conj(K))[:L], a correlation with the kernel, and
-    dK = sum_B dY conj(U), dY = rfft(dy) / nfft doubled on the bins that stand for two (irfft's weights).
-    Autograd would run rfft's backward as a full complex FFT of a zero-filled spectrum: twice the work.
-    """
+    """y = irfft(rfft(u) K)[..., :L], FFTs of length nfft: u (B, H, L), K (H, nfft//2 + 1). Its adjoint written out,
+    du = irfft(rfft(dy) conj(K)), dK = sum_B rfft(dy) conj(U) / nfft with the bins that stand for two doubled:
+    autograd would run rfft's backward as a full complex FFT of a zero-filled spectrum, twice the work."""
 
     @staticmethod
     def forward(ctx, u, K, nfft):
-        U = torch.fft.rfft(u, n=nfft)  # (B, H, nfft//2 + 1)
+        ctx.nfft, U = nfft, torch.fft.rfft(u, n=nfft)  # (B, H, nfft//2 + 1)
         ctx.save_for_backward(U, K)
-        ctx.nfft = nfft
         return torch.fft.irfft(U * K, n=nfft)[..., :u.shape[-1]]
 
     @staticmethod
     def backward(ctx, dy):
         (U, K), nfft = ctx.saved_tensors, ctx.nfft
         dY = torch.fft.rfft(dy, n=nfft, norm="forward")  # (B, H, nfft//2 + 1): rfft(dy) / nfft
-        du = torch.fft.irfft(dY * K.conj(), n=nfft, norm="forward")[..., :dy.shape[-1]] if ctx.needs_input_grad[0] else None
+        du = torch.fft.irfft(dY * K.conj(), n=nfft, norm="forward")[..., :dy.shape[-1]]
         dK = (dY * U.conj()).sum(0)  # (H, nfft//2 + 1)
         dK[:, 1:(nfft + 1) // 2] *= 2
         return du, dK, None

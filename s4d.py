@@ -96,25 +96,21 @@ def _kernel(dt, A, C, L):
 
 
 class _FFTConv(torch.autograd.Function):
-    """y = irfft(rfft(u, nfft) K, nfft)[..., :L]: real u (B, H, L), complex K (H, nfft//2 + 1) -> (B, H, L).
-
-    The adjoint written out: du = irfft(rfft(dy) conj(K))[:L], a correlation with the kernel, and
-    dK = sum_B dY conj(U), dY = rfft(dy) / nfft doubled on the bins that stand for two (irfft's weights).
-    Autograd would run rfft's backward as a full complex FFT of a zero-filled spectrum: twice the work.
-    """
+    """y = irfft(rfft(u) K)[..., :L], FFTs of length nfft: u (B, H, L), K (H, nfft//2 + 1). Its adjoint written out,
+    du = irfft(rfft(dy) conj(K)), dK = sum_B rfft(dy) conj(U) / nfft with the bins that stand for two doubled:
+    autograd would run rfft's backward as a full complex FFT of a zero-filled spectrum, twice the work."""
 
     @staticmethod
     def forward(ctx, u, K, nfft):
-        U = torch.fft.rfft(u, n=nfft)  # (B, H, nfft//2 + 1)
+        ctx.nfft, U = nfft, torch.fft.rfft(u, n=nfft)  # (B, H, nfft//2 + 1)
         ctx.save_for_backward(U, K)
-        ctx.nfft = nfft
         return torch.fft.irfft(U * K, n=nfft)[..., :u.shape[-1]]
 
     @staticmethod
     def backward(ctx, dy):
         (U, K), nfft = ctx.saved_tensors, ctx.nfft
         dY = torch.fft.rfft(dy, n=nfft, norm="forward")  # (B, H, nfft//2 + 1): rfft(dy) / nfft
-        du = torch.fft.irfft(dY * K.conj(), n=nfft, norm="forward")[..., :dy.shape[-1]] if ctx.needs_input_grad[0] else None
+        du = torch.fft.irfft(dY * K.conj(), n=nfft, norm="forward")[..., :dy.shape[-1]]
         dK = (dY * U.conj()).sum(0)  # (H, nfft//2 + 1)
         dK[:, 1:(nfft + 1) // 2] *= 2
         return du, dK, None
