@@ -116,22 +116,18 @@ def _check_positive(dt):
         raise ValueError(f"dt must be finite and > 0 (a sampling period), got min {dt.min().item():.3g}")
 
 
-def _nodes(nfft, groups, like):
-    """theta (N, groups): the rfft nodes 2 pi k / nfft, k = 0 .. groups N - 1 (>= nfft / 2), node k in column
-    k mod groups: groups = 2 splits even and odd k, which the exact kernel treats differently."""
-    N = nfft // (2 * groups) + 1
-    return torch.arange(groups * N, dtype=like.dtype, device=like.device).view(N, groups) * (2 * math.pi / nfft)
+def _warp(log_dt, nfft, groups):
+    """psi = arg omega' at the rfft nodes omega = exp(i theta), theta = 2 pi k / nfft, and a = (1 - dt) / (1 + dt):
+    log_dt (H,) -> (H, N, G), (H, 1, 1). Nodes k = 0 .. G N - 1 (>= nfft / 2), node k in column k mod G: G = 2
+    splits even and odd k, which the exact kernel treats differently.
 
-
-def _warp(log_dt, theta):
-    """psi = arg omega' at the nodes omega = exp(i theta), and a: log_dt (H,), theta (N, G) -> (H, N, G), (H, 1, 1).
-
-    The warped node of step 3 is omega' = exp(i psi) with psi = theta + 2 atan2(a sin theta, 1 - a cos theta);
-    no singularity, unlike steps 2-3 of algorithm1. Called in float64: 1 - a cos theta keeps the digits of a
-    small dt near theta = 0 (float32 would lose them all), and psi is exact to round-off before it multiplies
-    powers up to n.
+    The warped node of step 3 is omega' = exp(i psi) with psi = theta + 2 atan2(a sin theta, 1 - a cos theta): no
+    singularity, unlike steps 2-3 of algorithm1. In float64: 1 - a cos theta keeps the digits of a small dt near
+    theta = 0 (float32 would lose them all), and psi is exact to round-off before it multiplies powers up to n.
     """
-    a = torch.tanh(log_dt * -0.5)[:, None, None]  # (H, 1, 1): (1 - dt) / (1 + dt)
+    N = nfft // (2 * groups) + 1
+    theta = torch.arange(groups * N, dtype=log_dt.dtype, device=log_dt.device).view(N, groups) * (2 * math.pi / nfft)
+    a = torch.tanh(log_dt * -0.5)[:, None, None]  # (H, 1, 1)
     return torch.add(theta, torch.atan2(a * torch.sin(theta), 1 - a * torch.cos(theta)), alpha=2), a
 
 
@@ -202,13 +198,14 @@ class _Spectrum(torch.autograd.Function):
         H, n = h.shape
         G, c = 1 + causal, math.isqrt(n + 1) + 1  # c ~ sqrt(n) powers per block
         J = -(-(n + 2) // c)  # J blocks, c J >= n + 2: b^0 .. b^(n+1), one more than P has (see backward)
-        log_dt64 = log_dt.double()
-        psi, a64 = _warp(log_dt64, _nodes(nfft, G, log_dt64))  # (H, N, G), (H, 1, 1): float64
+        psi, a64 = _warp(log_dt.double(), nfft, G)  # (H, N, G), (H, 1, 1): float64
         N, a = psi.shape[1], a64.to(h.dtype)
         # b^r = exp(-i r psi) and beta^j = exp(-i c j (psi mod 2 pi / c)): every angle stays below 2 pi max(c, J),
         # so its float32 rounding is ~1e-6, where c j psi itself would reach n pi.
-        interleaved = lambda p: p.transpose(1, 2)[..., None].expand(H, G, N, 2).to(
-            h.dtype, copy=True, memory_format=torch.contiguous_format).view(H * G, 1, N, 2)  # (HG, 1, N, 2): groups, twice
+        # (HG, 1, N, 2): the groups, each angle twice. The complex view costs nothing, but torch.compile must then
+        # store the angles, where it would otherwise recompute the warp inside every element of the tables.
+        interleaved = lambda p: torch.view_as_real(torch.view_as_complex(p.transpose(1, 2)[..., None].expand(H, G, N, 2).to(
+            h.dtype, copy=True, memory_format=torch.contiguous_format))).view(H * G, 1, N, 2)
         base, base_c = interleaved(psi), interleaved(psi.remainder(2 * math.pi / c))
         offset = F.pad(h.new_full((N, 1), math.pi / 2), (0, 1))  # (N, 2): [pi / 2, 0]
         coef = F.pad(h, (1, c * J - n - 1))[:, None]  # (H, 1, cJ): g = [0, h, 0 ..]
