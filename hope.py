@@ -148,9 +148,7 @@ def _tail_series(h, a, L, length):
     x = torch.polar(torch.full_like(k, rho), k * (2 * math.pi / M))  # rho exp(2 pi i k / M)
     ax = a * x + 1  # (H, M/2 + 1)
     w = (a + x) / ax
-    # w^(L-2), the derivative's part (w^(L-1) / w would divide by w, which may be 0), from modulus and angle: a complex
-    # power is a scalar loop on the CPU, these are vectorized
-    wN = torch.polar(w.abs() ** max(L - 2, 0), w.angle() * max(L - 2, 0))
+    wN = torch.polar(w.abs() ** max(L - 2, 0), w.angle() * max(L - 2, 0))  # w^(L-2) (w may be 0); no complex pow: slow
     Q = (wN * w if L > 1 else 1) / ax
     hhat = torch.fft.rfft(h.double() / scale, n=M)  # hhat(x_l) = sum_i h_i rho^-i exp(-2 pi i i l / M)
     E = torch.fft.irfft(hhat * Q, n=M)[:, :n] * scale  # (H, n)
@@ -200,10 +198,8 @@ class _Spectrum(torch.autograd.Function):
         J = -(-(n + 2) // c)  # J blocks, c J >= n + 2: b^0 .. b^(n+1), one more than P has (see backward)
         psi, a64 = _warp(log_dt.double(), nfft, G)  # (H, N, G), (H, 1, 1): float64
         N, a = psi.shape[1], a64.to(h.dtype)
-        # b^r = exp(-i r psi) and beta^j = exp(-i c j (psi mod 2 pi / c)): every angle stays below 2 pi max(c, J),
-        # so its float32 rounding is ~1e-6, where c j psi itself would reach n pi.
-        # (HG, 1, N, 2): the groups, each angle twice. The complex view costs nothing, but torch.compile must then
-        # store the angles, where it would otherwise recompute the warp inside every element of the tables.
+        # b^r = exp(-i r psi), beta^j = exp(-i c j (psi mod 2 pi / c)): float32 angles below 2 pi max(c, J), not n pi.
+        # Each angle twice, groups apart; the free complex view makes torch.compile store them, not recompute the warp.
         interleaved = lambda p: torch.view_as_real(torch.view_as_complex(p.transpose(1, 2)[..., None].expand(H, G, N, 2).to(
             h.dtype, copy=True, memory_format=torch.contiguous_format))).view(H * G, 1, N, 2)
         base, base_c = interleaved(psi), interleaved(psi.remainder(2 * math.pi / c))
