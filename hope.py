@@ -193,60 +193,66 @@ class _Spectrum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, log_dt, nfft, causal):
-        H, n = h.shape
-        G, c = 1 + causal, math.isqrt(n + 1) + 1  # c ~ sqrt(n) powers per block
-        J = -(-(n + 2) // c)  # J blocks, c J >= n + 2: b^0 .. b^(n+1), one more than P has (see backward)
-        psi, a64 = _warp(log_dt.double(), nfft, G)  # (H, N, G), (H, 1, 1): float64
-        N, a = psi.shape[1], a64.to(h.dtype)
-        # b^r = exp(-i r psi), beta^j = exp(-i c j (psi mod 2 pi / c)): float32 angles below 2 pi max(c, J), not n pi.
-        # Each angle twice, groups apart; the free complex view makes torch.compile store them, not recompute the warp.
-        interleaved = lambda p: torch.view_as_real(torch.view_as_complex(p.transpose(1, 2)[..., None].expand(H, G, N, 2).to(
-            h.dtype, copy=True, memory_format=torch.contiguous_format))).view(H * G, 1, N, 2)
-        base, base_c = interleaved(psi), interleaved(psi.remainder(2 * math.pi / c))
-        offset = F.pad(h.new_full((N, 1), math.pi / 2), (0, 1))  # (N, 2): [pi / 2, 0]
-        coef = F.pad(h, (1, c * J - n - 1))[:, None]  # (H, 1, cJ): g = [0, h, 0 ..]
-        ctx.tail = ()
-        if causal:
-            E, ctx.tail = _tail_series(h, a64[:, 0], nfft // 2, c * J)  # (H, cJ + 1): [0, E, 0 ..]
-            ctx.E = E[:, :-1]  # E_(j-1)
-            q = torch.addcmul(E[:, 1:], a[:, 0], ctx.E)  # (H, cJ): q_j = E_j + a E_(j-1)
-            coef = torch.addcmul(coef, torch.arange(-1, 2, 2, dtype=h.dtype, device=h.device)[:, None], q[:, None])  # (H, 2, cJ): g -/+ q
-        # U_r = sum_j coef_{cj+r} beta^j first, then P = sum_r b^r U_r: the powers of beta are gone before those of b
-        # come, and only the latter are kept for the backward (c + J tables at the peak, never c + 2J).
-        beta_j = torch.view_as_real(_exp_i(base_c, -c, J, offset)).view(H * G, J, 2 * N)  # (HG, J, 2N): b = exp(-i psi)
-        U = coef.view(H * G, J, c).mT @ beta_j  # (HG, c, J) @ (HG, J, 2N) -> (HG, c, 2N): Re, Im interleaved
-        del beta_j
-        b_r = _exp_i(base, -1, c, offset)  # (HG, c, N)
-        ctx.save_for_backward(coef, a, b_r, base_c, offset)
-        ctx.n = n
-        P = torch.view_as_complex(U.view(H * G, c, N, 2)).mul_(b_r).sum(1)  # (HG, N)
-        return P.view(H, G, N).transpose(1, 2).reshape(H, G * N)[:, :nfft // 2 + 1]  # (H, nfft//2 + 1): in order
+        with torch.autocast(h.device.type, enabled=False):  # autocast would run the real matmuls in bf16
+            H, n = h.shape
+            G, c = 1 + causal, math.isqrt(n + 1) + 1  # c ~ sqrt(n) powers per block
+            J = -(-(n + 2) // c)  # J blocks, c J >= n + 2: b^0 .. b^(n+1), one more than P has (see backward)
+            psi, a64 = _warp(log_dt.double(), nfft, G)  # (H, N, G), (H, 1, 1): float64
+            N, a = psi.shape[1], a64.to(h.dtype)
+            # b^r = exp(-i r psi), beta^j = exp(-i c j (psi mod 2 pi / c)): float32 angles below 2 pi max(c, J), not
+            # n pi. Each angle twice, groups apart; the free complex view makes torch.compile store them, not
+            # recompute the warp.
+            interleaved = lambda p: torch.view_as_real(torch.view_as_complex(p.transpose(1, 2)[..., None].expand(
+                H, G, N, 2).to(h.dtype, copy=True, memory_format=torch.contiguous_format))).view(H * G, 1, N, 2)
+            base, base_c = interleaved(psi), interleaved(psi.remainder(2 * math.pi / c))
+            offset = F.pad(h.new_full((N, 1), math.pi / 2), (0, 1))  # (N, 2): [pi / 2, 0]
+            coef = F.pad(h, (1, c * J - n - 1))[:, None]  # (H, 1, cJ): g = [0, h, 0 ..]
+            ctx.tail = ()
+            if causal:
+                E, ctx.tail = _tail_series(h, a64[:, 0], nfft // 2, c * J)  # (H, cJ + 1): [0, E, 0 ..]
+                ctx.E = E[:, :-1]  # E_(j-1)
+                q = torch.addcmul(E[:, 1:], a[:, 0], ctx.E)  # (H, cJ): q_j = E_j + a E_(j-1)
+                sign = torch.arange(-1, 2, 2, dtype=h.dtype, device=h.device)[:, None]  # (2, 1): even, odd nodes
+                coef = torch.addcmul(coef, sign, q[:, None])  # (H, 2, cJ): g -/+ q
+            # U_r = sum_j coef_{cj+r} beta^j first, then P = sum_r b^r U_r: the powers of beta are gone before those
+            # of b come, and only the latter are kept for the backward (c + J tables at the peak, never c + 2J).
+            beta_j = torch.view_as_real(_exp_i(base_c, -c, J, offset)).view(H * G, J, 2 * N)  # (HG, J, 2N)
+            U = coef.view(H * G, J, c).mT @ beta_j  # (HG, c, J) @ (HG, J, 2N) -> (HG, c, 2N): Re, Im interleaved
+            del beta_j
+            b_r = _exp_i(base, -1, c, offset)  # (HG, c, N)
+            ctx.save_for_backward(coef, a, b_r, base_c, offset)
+            ctx.n = n
+            P = torch.view_as_complex(U.view(H * G, c, N, 2)).mul_(b_r).sum(1)  # (HG, N)
+            return P.view(H, G, N).transpose(1, 2).reshape(H, G * N)[:, :nfft // 2 + 1]  # (H, nfft//2 + 1): in order
 
     @staticmethod
     def backward(ctx, grad):
-        coef, a, b_r, base_c, offset = ctx.saved_tensors
-        (H, G, cJ), (c, N) = coef.shape, b_r.shape[1:]
-        grad = F.pad(grad, (0, G * N - grad.shape[1])).view(H, N, G).transpose(1, 2)  # (H, G, N): groups
-        # dcoef_(cj+r) = Re sum_k grad_k conj(beta^j b^r)_k: T = grad conj(beta^j) (recomputed rather than kept: the
-        # forward's peak stays c + J tables), then one real matmul pairs Re with Re and Im with Im.
-        T = _exp_i(base_c, c, cJ // c, offset).view(H, G, -1, N).mul_(grad[:, :, None])  # (H, G, J, N)
-        dcoef = torch.view_as_real(T).view(H * G, -1, 2 * N) @ torch.view_as_real(b_r).view(H * G, c, 2 * N).mT
-        dcoef = dcoef.view(H, G, cJ)  # (HG, J, 2N) @ (HG, 2N, c) -> (H, G, cJ)
-        dh = dcoef.sum(1)[:, 1:ctx.n + 1]  # g = [0, h, 0 ..]
-        if ctx.tail:
-            dq = dcoef[:, 1] - dcoef[:, 0]  # coef = g -/+ q
-            dh_tail, da_tail = _tail_series_adjoint(torch.addcmul(dq[:, :-1], a[:, 0], dq[:, 1:]), *ctx.tail,
-                                                    ctx.needs_input_grad[1])
-            dh = dh + dh_tail
-        if not ctx.needs_input_grad[1]:  # dt frozen (a buffer): no dt gradient to compute
-            return dh, None, None, None
-        # db/da = (b^2 - 1) / (1 - a^2) makes dP/da = sum_m m coef_m (b^(m+1) - b^(m-1)) / (1 - a^2), and
-        # da/dlog_dt = -(1 - a^2) / 2 cancels the division: dLoss/dlog_dt pairs m coef_m with dcoef's differences.
-        m_half = torch.arange(-0.5, (1 - cJ) / 2, -0.5, dtype=coef.dtype, device=coef.device)  # -m / 2, m = 1 .. cJ - 2
-        dlog_dt = ((dcoef[..., 2:] - dcoef[..., :-2]) * coef[..., 1:-1] * m_half).sum((1, 2))
-        if ctx.tail:
-            dlog_dt = torch.addcmul(dlog_dt, da_tail + (dq * ctx.E).sum(1), a[:, 0, 0] * a[:, 0, 0] - 1, value=0.5)
-        return dh, dlog_dt, None, None
+        with torch.autocast(grad.device.type, enabled=False):  # autocast would run the real matmuls in bf16
+            coef, a, b_r, base_c, offset = ctx.saved_tensors
+            (H, G, cJ), (c, N) = coef.shape, b_r.shape[1:]
+            grad = F.pad(grad, (0, G * N - grad.shape[1])).view(H, N, G).transpose(1, 2)  # (H, G, N): groups
+            # dcoef_(cj+r) = Re sum_k grad_k conj(beta^j b^r)_k: T = grad conj(beta^j) (recomputed rather than kept:
+            # the forward's peak stays c + J tables), then one real matmul pairs Re with Re and Im with Im.
+            T = _exp_i(base_c, c, cJ // c, offset).view(H, G, -1, N).mul_(grad[:, :, None])  # (H, G, J, N)
+            dcoef = torch.view_as_real(T).view(H * G, -1, 2 * N) @ torch.view_as_real(b_r).view(H * G, c, 2 * N).mT
+            dcoef = dcoef.view(H, G, cJ)  # (HG, J, 2N) @ (HG, 2N, c) -> (H, G, cJ)
+            dh = dcoef.sum(1)[:, 1:ctx.n + 1]  # g = [0, h, 0 ..]
+            if ctx.tail:
+                dq = dcoef[:, 1] - dcoef[:, 0]  # coef = g -/+ q
+                dh_tail, da_tail = _tail_series_adjoint(torch.addcmul(dq[:, :-1], a[:, 0], dq[:, 1:]), *ctx.tail,
+                                                        ctx.needs_input_grad[1])
+                dh = dh + dh_tail
+            if not ctx.needs_input_grad[1]:  # dt frozen (a buffer): no dt gradient to compute
+                return dh, None, None, None
+            # db/da = (b^2 - 1) / (1 - a^2) makes dP/da = sum_m m coef_m (b^(m+1) - b^(m-1)) / (1 - a^2), and
+            # da/dlog_dt = -(1 - a^2) / 2 cancels the division: dLoss/dlog_dt pairs m coef_m with dcoef's
+            # differences.
+            m_half = torch.arange(-0.5, (1 - cJ) / 2, -0.5, dtype=coef.dtype, device=coef.device)  # -m/2, m = 1..cJ-2
+            dlog_dt = ((dcoef[..., 2:] - dcoef[..., :-2]) * coef[..., 1:-1] * m_half).sum((1, 2))
+            if ctx.tail:
+                tail_da = da_tail + (dq * ctx.E).sum(1)  # through E, and through a in q = E + a E_(j-1)
+                dlog_dt = torch.addcmul(dlog_dt, tail_da, a[:, 0, 0] * a[:, 0, 0] - 1, value=0.5)
+            return dh, dlog_dt, None, None
 
 
 def hope_transfer(h, dt, nfft):

@@ -360,6 +360,21 @@ def test_hope_kernel_gradcheck(n, dt):
     assert torch.autograd.gradcheck(lambda h, dt: torch.view_as_real(hope_transfer(h, dt, 10)), (h, dts))
 
 
+@pytest.mark.parametrize("circular", [False, True])
+def test_autocast_leaves_the_spectrum_in_float32(circular):
+    """The spectrum's matmuls are real, so bf16 autocast would take them; forward and backward must ignore it."""
+    layer = HOPE(8, 16, circular=circular)
+    runs = []
+    for enabled in (False, True):
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            K = hope_transfer(layer.h, layer.log_dt.exp(), 50) if circular else layer.kernel(50)
+            torch.view_as_real(K).square().sum().backward() if circular else K.square().sum().backward()
+        runs.append((K.detach(), layer.h.grad.clone(), layer.log_dt.grad.clone()))
+    for off, on in zip(*runs):
+        assert on.dtype == off.dtype and torch.equal(on, off)
+
+
 def test_hope_kernel_gradcheck_with_dt_frozen():
     """With dt a buffer the backward skips dt's gradient; h's must not change."""
     h = torch.randn(2, 6, dtype=f64, requires_grad=True)
