@@ -411,6 +411,7 @@ class HOPE(nn.Module):
         p = torch.pow(-a, torch.arange(self.n + 1, device=u_t.device))  # (H, n + 1): (-a)^k
         # Windows of [0 (n times), p] reversed: M[i, j] = p[i - j] for i >= j, else 0 (a strided view, one copy)
         M = F.pad(p, (self.n, 0)).unfold(-1, self.n + 1, 1).flip(-1)  # (H, n + 1, n + 1)
-        state = torch.einsum("hij,bhj->bhi", M, v)  # (B, H, n + 1)
+        with torch.autocast(u_t.device.type, enabled=False):  # the state stays float32 (autocast: a bf16 matmul)
+            state = torch.einsum("hij,bhj->bhi", M, v)  # (B, H, n + 1)
         y = (state[..., 1:] * self.h).sum(-1)  # (B, H)
         return self._block(y[..., None], u_t[..., None])[..., 0], state

@@ -375,6 +375,20 @@ def test_autocast_leaves_the_spectrum_in_float32(circular):
         assert on.dtype == off.dtype and torch.equal(on, off)
 
 
+def test_hope_step_state_ignores_autocast():
+    """step()'s state update is a real matmul: under bf16 autocast the recurrence must stay in float32."""
+    layer = HOPE(4, 8).eval()
+    u = torch.randn(3, 4, 20)
+    states = []
+    for enabled in (False, True):
+        state = layer.default_state(3)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            for t in range(u.shape[-1]):
+                _, state = layer.step(u[..., t], state)
+        states.append(state)
+    assert states[1].dtype == torch.float32 and torch.equal(states[0], states[1])
+
+
 def test_hope_kernel_gradcheck_with_dt_frozen():
     """With dt a buffer the backward skips dt's gradient; h's must not change."""
     h = torch.randn(2, 6, dtype=f64, requires_grad=True)
