@@ -112,7 +112,7 @@ class _FFTConv(torch.autograd.Function):
         dY = torch.fft.rfft(dy, n=nfft, norm="forward")  # (B, H, nfft//2 + 1): rfft(dy) / nfft
         du = torch.fft.irfft(dY * K.conj(), n=nfft, norm="forward")[..., :dy.shape[-1]]
         dK = (dY * U.conj()).sum(0)  # (H, nfft//2 + 1)
-        dK[:, 1:(nfft + 1) // 2] *= 2
+        dK[:, 1:(nfft + 1) // 2].mul_(2)
         return du, dK, None
 
 
