@@ -355,7 +355,7 @@ def build_parser():
     p.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto", help="bf16 autocast of the dense parts "
                    "(auto: where CUDA has bf16); FFTs and kernels stay float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (complex FFT parts stay eager; needs a "
-                   "C++ compiler on the CPU, where it measured 1.11x the eager training step: README section 6)")
+                   "C++ compiler on the CPU, where it measured 1.19x the eager training step: README section 6)")
     p.add_argument("--data-dir", default="./data", help="dataset folder (Fashion-MNIST: Debian's folder too, unless given)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<model>-<dataset>-s<seed>)")
     p.add_argument("--max-steps", type=positive_int, help="stop (and save) after this many optimizer steps in total")
