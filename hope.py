@@ -155,7 +155,7 @@ def _tail_series(h, a, L, length):
     return F.pad(E.to(h.dtype), (1, length - n)), (L, x, ax, wN, Q, hhat, scale)  # [0, E, 0 ..]
 
 
-def _tail_series_adjoint(dE, L, x, ax, wN, Q, hhat, scale, with_da=True):
+def _tail_series_adjoint(dE, L, x, ax, wN, Q, hhat, scale, with_da):
     """dh (H, n) and da (H,) (None unless with_da) of sum_j dE_j E_j: h -> E correlates with Q, so dh correlates
     dE with conj(Q); da pairs dE with E computed from dQ/da, pointwise on the circle:
         dQ/da = w^(L-2) (L (1 - x^2) - (1 + a x)) / (1 + a x)^3    (L >= 2),    -x / (1 + a x)^2   (L = 1)."""

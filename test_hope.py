@@ -369,7 +369,7 @@ def test_autocast_leaves_the_spectrum_in_float32(circular):
         layer.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
             K = hope_transfer(layer.h, layer.log_dt.exp(), 50) if circular else layer.kernel(50)
-            torch.view_as_real(K).square().sum().backward() if circular else K.square().sum().backward()
+            (torch.view_as_real(K) if circular else K).square().sum().backward()
         runs.append((K.detach(), layer.h.grad.clone(), layer.log_dt.grad.clone()))
     for off, on in zip(*runs):
         assert on.dtype == off.dtype and torch.equal(on, off)

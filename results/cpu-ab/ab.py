@@ -2,9 +2,11 @@
 
     git worktree add /tmp/old <commit> && python results/cpu-ab/ab.py /tmp/old > results/cpu-ab/ab.txt
 
-Same cases as bench.py (forward + backward unless noted), same sizes: kernel spectra at H = 128, L = 2048;
-one layer and the 4 x 128 training step at batch 8; 1,000 step() calls at batch 8 (no gradients).
+The cases are bench.py's own (forward + backward unless noted; same sizes and launch counts), built and run with
+bench's and train_scifar's HOPE names pointing at one checkout's hope.py at a time: kernel spectra at H = 128,
+L = 2048; one layer and the 4 x 128 training step at batch 8; 1,000 step() calls at batch 8 (no gradients).
 """
+import contextlib
 import importlib.util
 import os
 import statistics
@@ -12,12 +14,14 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, here)
 import bench  # noqa: E402
 import train_scifar  # noqa: E402
+
+CASES = ["kernel-hope-n64", "kernel-G2L-n64", "kernel-hope-n128", "kernel-G2L-n128", "layer-hope", "recurrent-1000-hope",
+         "step-hope-fp32"]
 
 
 def load(folder, name):
@@ -27,35 +31,31 @@ def load(folder, name):
     return module
 
 
+@contextlib.contextmanager
+def using(hope):
+    """bench's and train_scifar's HOPE names bound to this hope module (restored afterwards)."""
+    names = [(bench, "HOPE"), (bench, "hope_kernel_spectrum"), (bench, "hope_transfer"), (train_scifar, "HOPE")]
+    saved = [getattr(module, name) for module, name in names]
+    for module, name in names:
+        setattr(module, name, getattr(hope, name))
+    try:
+        yield
+    finally:
+        for (module, name), value in zip(names, saved):
+            setattr(module, name, value)
+
+
 def cases(hope):
-    torch.manual_seed(0)
+    """bench.case's functions for this hope module; each run rebinds the names (the kernel cases look them up then)."""
+    def bound(fn):
+        def run():
+            with using(hope):
+                fn()
+        return run
     out = {}
-    for n in (64, 128):
-        layer = hope.HOPE(128, n, dt_min=0.1, dt_max=0.1)
-        out[f"kernel-hope-n{n}"] = lambda l=layer: torch.view_as_real(
-            hope.hope_kernel_spectrum(l.h, l.log_dt.exp(), 2048)).square().sum().backward()
-        out[f"kernel-G2L-n{n}"] = lambda l=layer: torch.view_as_real(
-            hope.hope_transfer(l.h, l.log_dt.exp(), 4096)).square().sum().backward()
-    layer, u = hope.HOPE(128, 64), torch.randn(8, 128, 2048, requires_grad=True)
-    out["layer-hope"] = lambda: layer(u).square().mean().backward()
-    rec, v = hope.HOPE(128, 64).eval(), torch.randn(8, 128, 1000)
-
-    @torch.no_grad()
-    def recurrent():
-        state = rec.default_state(8)
-        for t in range(1000):
-            _, state = rec.step(v[..., t], state)
-    out["recurrent-1000-hope"] = recurrent
-    model = train_scifar.SequenceClassifier(lambda: hope.HOPE(128, 64, 0.1, 0.1, 0.1, lr_dt=0.0), 3, 10, 128, 4, 0.1, 1024)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.01)
-    x, y = torch.randn(8, 3, 2048), torch.randint(0, 10, (8,))
-
-    def step():
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    out["step-hope-fp32"] = step
+    for name in CASES:
+        with using(hope):
+            out[name] = bound(bench.case(name, torch.device("cpu"), 8))
     return out
 
 
