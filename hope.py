@@ -371,13 +371,11 @@ class HOPE(nn.Module):
                              "use torch.autocast for mixed precision: the FFTs and the kernel need float32")
         u = u.to(torch.promote_types(u.dtype, torch.float32))  # torch.fft takes no bf16 (autocast may pass one)
         L = u.shape[-1]
-        if self.circular:
-            G = _Spectrum.apply(self.h, self.log_dt, L, False)  # (H, L//2 + 1): hope_transfer
-            y = _FFTConv.apply(u, G, L)  # (B, H, L)
-        else:
-            K = _Spectrum.apply(self.h, self.log_dt, 2 * L, True)  # (H, L + 1), or (2H, L + 1): hope_kernel_spectrum
-            K = two_sided(K, L) if self.bidirectional else K  # (H, L + 1)
-            y = _FFTConv.apply(u, K, 2 * L)  # (B, H, L): zero-padded to 2L, no wrap-around
+        nfft = L if self.circular else 2 * L  # causal: zero-padded to 2L, so nothing wraps around
+        # hope_transfer (circular) or hope_kernel_spectrum (causal), from log dt directly
+        K = _Spectrum.apply(self.h, self.log_dt, nfft, not self.circular)  # (H or 2H, nfft//2 + 1)
+        K = two_sided(K, L) if self.bidirectional else K  # (H, nfft//2 + 1)
+        y = _FFTConv.apply(u, K, nfft)  # (B, H, L)
         y = self._block(y, u)
         return y if self.transposed else y.transpose(-1, -2)
 

@@ -314,6 +314,20 @@ def test_download_broken_midway_leaves_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_download_saves_only_what_matches_its_md5(tmp_path, monkeypatch):
+    """A download is written (into a folder made for it) only when its MD5 matches, and then read as usual."""
+    path, batches = write_cifar(monkeypatch, str(tmp_path / "src"))
+    blob = open(path, "rb").read()
+    monkeypatch.setattr(ts.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(blob))
+    with pytest.raises(ts.DataError, match="wrong MD5.*nothing was saved"):
+        ts.load_cifar10(str(tmp_path / "d" / "e"))  # the default MD5 is the real file's
+    assert not (tmp_path / "d").exists()
+    x_train, *_ = ts.load_cifar10(str(tmp_path / "d" / "e"), md5=ts.md5sum(path))
+    assert os.listdir(tmp_path / "d" / "e") == ["cifar-10-python.tar.gz"]  # no .tmp left
+    assert (tmp_path / "d" / "e" / "cifar-10-python.tar.gz").read_bytes() == blob
+    assert torch.equal(x_train[:10], batches["data_batch_1"][0].view(-1, 3, 1024))
+
+
 def test_cifar_offline_names_the_offline_dataset_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ts.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(ts.urllib.error.URLError("offline")))
     monkeypatch.chdir(tmp_path)

@@ -76,32 +76,29 @@ def md5sum(path):
     return digest.hexdigest()
 
 
+def atomic_write(path, write):
+    """write(f) to a temporary file, fsync, then rename: no crash leaves a half-written file."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def download(url, path, md5, offline_hint=""):
-    """Fetch url to path via path + '.part', renamed only after the MD5 matches. A folder made for it is
-    removed again if the download fails, so a failed run leaves nothing behind."""
-    part, folder = path + ".part", os.path.dirname(path) or "."
-    missing, d = [], os.path.abspath(folder)  # the folders this download will create, deepest first
-    while not os.path.isdir(d):
-        missing, d = missing + [d], os.path.dirname(d)
+    """Fetch url into memory and write it to path only once its MD5 matches: a failed download leaves nothing."""
     print(f"downloading {url} to {path}")
     try:
         with urllib.request.urlopen(url, timeout=30) as r:
-            os.makedirs(folder, exist_ok=True)
-            with open(part, "wb") as f:
-                for chunk in iter(lambda: r.read(1 << 20), b""):
-                    f.write(chunk)
+            data = b"".join(iter(lambda: r.read(1 << 20), b""))  # (170 MB for CIFAR-10)
     except (urllib.error.URLError, OSError) as e:
-        if os.path.exists(part):
-            os.remove(part)
-        for d in missing:
-            if os.path.isdir(d):
-                os.rmdir(d)
         raise DataError(f"could not download {url} ({e}). Without network access, download it elsewhere and put "
-                        f"{os.path.basename(path)} in {folder}/{offline_hint}") from None
-    if md5sum(part) != md5:
-        os.remove(part)
-        raise DataError(f"download of {url} has the wrong MD5 (expected {md5}); it was deleted, run again")
-    os.replace(part, path)
+                        f"{os.path.basename(path)} in {os.path.dirname(path) or '.'}/{offline_hint}") from None
+    if hashlib.md5(data).hexdigest() != md5:
+        raise DataError(f"download of {url} has the wrong MD5 (expected {md5}); nothing was saved, run again")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write(path, lambda f: f.write(data))
 
 
 class _NumpyArray:
@@ -148,20 +145,16 @@ def load_cifar10(data_dir, md5=CIFAR_MD5):
     if md5sum(path) != md5:
         raise DataError(f"{path} has the wrong MD5 (expected {md5}): it is corrupt or incomplete. "
                         "Delete it and run again to download it afresh.")
-    splits = {}
     try:
         with tarfile.open(path, "r:gz") as tar:
-            for split, names in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
-                xs, ys = [], []
-                for name in names:
-                    batch = _CifarUnpickler(tar.extractfile(f"cifar-10-batches-py/{name}"), encoding="bytes").load()
-                    xs.append(_uint8_images(batch[b"data"]))
-                    ys.append(torch.tensor(batch[b"labels"], dtype=torch.long))
-                splits[split] = (torch.cat(xs), torch.cat(ys))
+            batches = [_CifarUnpickler(tar.extractfile(f"cifar-10-batches-py/{name}"), encoding="bytes").load()
+                       for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]]
+            x = [_uint8_images(batch[b"data"]) for batch in batches]
+            y = [torch.tensor(batch[b"labels"], dtype=torch.long) for batch in batches]
     except (tarfile.TarError, EOFError, zlib.error, pickle.UnpicklingError, KeyError, TypeError, RuntimeError) as e:
         raise DataError(f"{path} could not be read as the CIFAR-10 python tarball ({type(e).__name__}: {e}). "
                         "Delete it and run again to download it afresh.") from None
-    return splits["train"] + splits["test"] + ([os.path.abspath(path)],)
+    return torch.cat(x[:5]), torch.cat(y[:5]), x[5], y[5], [os.path.abspath(path)]
 
 
 def read_idx(path, ndim):
@@ -258,30 +251,19 @@ def make_optimizer(model, args, device):
     groups = {}
     for name, p in model.named_parameters():
         hint = getattr(p, "_optim", {})
-        key = tuple(sorted(hint.items()))
-        groups.setdefault(key, {"params": [], "names": [], **hint})
-        groups[key]["params"].append(p)
-        groups[key]["names"].append(name)
+        group = groups.setdefault(tuple(sorted(hint.items())), {"params": [], "names": [], **hint})
+        group["params"].append(p)
+        group["names"].append(name.split(".")[-1])
     opt = torch.optim.AdamW(list(groups.values()), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]  # the schedule scales it
         print(f"optimizer group: lr {g['lr']:g}, weight_decay {g['weight_decay']:g}, "
-              f"{sum(p.numel() for p in g['params']):,} params: {', '.join(sorted(set(n.split('.')[-1] for n in g['names'])))}")
+              f"{sum(p.numel() for p in g['params']):,} params: {', '.join(sorted(set(g['names'])))}")
     return opt
 
 
 # ------------------------------------------------------------------------------------ training
-def atomic_write(path, write):
-    """write(f) to a temporary file, fsync, then rename: no crash leaves a half-written file."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def lr_factor(step, schedule):
     """Linear warm-up to 1 over steps [0, warmup), then a cosine from schedule["factor"] at step start to 0 at end."""
     if step < schedule["warmup"]:
@@ -402,11 +384,7 @@ def resolve(parser, args, given):
         parser.error(f"--grayscale turns CIFAR-10's color images into one channel; {args.dataset} is grayscale already: "
                      "drop --grayscale")
     try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        parser.error(f"--device {args.device}: {e}")
-    try:
-        torch.empty(0, device=device)  # a device type, index or backend that this build or machine lacks fails here
+        torch.empty(0, device=args.device)  # a bad name, or a device type, index or backend this build or machine lacks
     except (RuntimeError, AssertionError):
         parser.error(f"--device {args.device} is not available with this PyTorch build (torch {torch.__version__}) "
                      f"on this machine; use --device cpu{' or --device cuda' if torch.cuda.is_available() else ''}")
@@ -440,10 +418,9 @@ def load_data(parser, args, device):
         x_train, y_train, x_test, y_test, args.data_files = load_cifar10(args.data_dir)
         if args.grayscale:
             x_train, x_test = grayscale(x_train), grayscale(x_test)
-        norm = NORMALIZATION["cifar10-gray" if args.grayscale else "cifar10"]
     else:
         x_train, y_train, x_test, y_test, args.data_files = load_fashion_mnist(args.data_dir, search_debian=not args.data_dir_explicit)
-        norm = NORMALIZATION["fashion-mnist"]
+    norm = NORMALIZATION[args.dataset + "-gray" * args.grayscale]
     print(f"data: {', '.join(args.data_files)}")
     if args.val_size >= len(x_train):
         parser.error(f"--val-size {args.val_size} must be below the {len(x_train)} training samples")
@@ -527,8 +504,8 @@ def train_epoch(args, step_fn, optimizer, data, mean, std, perm_gen, state, auto
             state["sums"] = sums.tolist()
             seen = state["step"] * args.batch_size  # every batch is full
             if not math.isfinite(state["sums"][0]):
-                raise FloatingPointError(f"non-finite loss at epoch {state['epoch'] + 1}, step {state['step']}; stopping. "
-                                         f"{os.path.join(args.out, 'last.pt')} holds the last good state; try a lower --lr")
+                raise SystemExit(f"\nerror: non-finite loss at epoch {state['epoch'] + 1}, step {state['step']}; stopping. "
+                                 f"{os.path.join(args.out, 'last.pt')} holds the last good state; try a lower --lr")
             rate = (state["step"] - step0) * args.batch_size / (time.time() - t0)
             eta = (steps_per_epoch - state["step"]) * args.batch_size / max(rate, 1e-9)
             print(f"\repoch {state['epoch'] + 1}/{args.epochs} step {state['step']}/{steps_per_epoch} "
@@ -611,8 +588,6 @@ def main(argv=None):
             if should_stop():
                 print(f"stopped after epoch {row['epoch']}; saved {args.out}/last.pt (continue with --resume)")
                 return state
-    except FloatingPointError as e:
-        raise SystemExit(f"\nerror: {e}")
     finally:
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
