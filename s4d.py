@@ -190,8 +190,7 @@ class S4D(nn.Module):
 
     def default_state(self, batch):
         """Zero state (B, H, N/2), complex."""
-        return torch.zeros(batch, *self.A_imag.shape, dtype=torch.view_as_complex(self.C).dtype,
-                           device=self.C.device)
+        return torch.zeros(batch, *self.A_imag.shape, dtype=self.C.dtype.to_complex(), device=self.C.device)
 
     def step(self, u_t, state):
         """One time step: u_t (B, H), state (B, H, N/2) -> y_t (B, H), state. O(N) per channel."""
