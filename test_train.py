@@ -299,7 +299,7 @@ def test_misuse_writes_nothing(tmp_path, capsys):
 
 
 def test_download_broken_midway_leaves_nothing(tmp_path, monkeypatch):
-    """The connection opens, then drops: the partial file and the folder made for it are removed."""
+    """The connection opens, then drops: nothing is written, neither a partial file nor a folder for it."""
     class Dropped(io.BytesIO):
         def read(self, size=-1):
             if self.tell():
