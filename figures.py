@@ -72,6 +72,21 @@ def table(runs):
     return "\n".join(lines)
 
 
+def save(fig, path):
+    """A PNG without the "Software" entry, where matplotlib writes its version; with data from plotted() (or exact
+    data, as results/ gives), the same figure has the same bytes on every run and machine."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, metadata={"Software": None})
+
+
+def plotted(t, floor):
+    """A curve for a log axis whose bottom is floor, clamped there. float64 round-off differs between CPUs, BLAS
+    builds and thread counts (about 1e-16 of the largest value): near 1e-12 of it, where the axes once ended, it
+    moved pixels, and a line to a point below the axis moves the pixels of its visible part. Floors of 1e-8 and
+    1e-10 keep round-off invisible (tested at 100 times its size)."""
+    return t.clamp(min=floor)
+
+
 def impulse_responses(plt, path, L=2048):
     import torch
     from hope import HOPE
@@ -82,16 +97,15 @@ def impulse_responses(plt, path, L=2048):
         with torch.no_grad():
             k = layer.double().kernel(L).abs()  # (H, L); in float32 HOPE's tail stops at a ~1e-7 round-off floor
         k = k / k.max(-1, keepdim=True).values
-        lo, med, hi = torch.quantile(k, torch.tensor([0.1, 0.5, 0.9], dtype=k.dtype), dim=0)
+        lo, med, hi = plotted(torch.quantile(k, torch.tensor([0.1, 0.5, 0.9], dtype=k.dtype), dim=0), 1e-8)
         label = "HOPE (n = 64)" if name == "hope" else "S4D-Lin (N = 64)"
         ax.semilogy(med, color=COLORS[name], lw=1, label=label + ", median over 128 channels")
-        ax.fill_between(range(L), lo.clamp(min=1e-12), hi, color=COLORS[name], alpha=0.2, lw=0)
+        ax.fill_between(range(L), lo, hi, color=COLORS[name], alpha=0.2, lw=0)
     ax.axvline(640, color="gray", ls="--", lw=0.8)
     ax.text(660, 0.3, "n / dt = 640", color="gray")
-    ax.set(xlabel="time step t", ylabel="|k[t]| / max |k|", ylim=(1e-12, 2), title="Impulse responses at init, dt = 0.1")
+    ax.set(xlabel="time step t", ylabel="|k[t]| / max |k|", ylim=(1e-8, 2), title="Impulse responses at init, dt = 0.1")
     ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def hankel_singular_values(plt, path, n=64, draws=20):
@@ -108,14 +122,13 @@ def hankel_singular_values(plt, path, n=64, draws=20):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for i, (label, markov) in enumerate(curves.items()):
         s = torch.linalg.svdvals(markov[:, idx])
-        s = (s / s[:, :1]).median(0).values
+        s = plotted((s / s[:, :1]).median(0).values, 1e-10)
         ax.semilogy(range(1, n + 1), s, label=label, color=COLORS["hope"] if i == 0 else plt.cm.Reds(0.4 + 0.2 * i))
     ax.axhline(0.01, color="gray", ls="--", lw=0.8)
-    ax.set(xlabel="j", ylabel="sigma_j / sigma_1 (median of 20 draws)", ylim=(1e-16, 2),
+    ax.set(xlabel="j", ylabel="sigma_j / sigma_1 (median of 20 draws)", ylim=(1e-10, 2),
            title="Hankel singular values, n = 64")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def dt_sweep(plt, path, runs):
@@ -150,8 +163,7 @@ def dt_sweep(plt, path, runs):
     title = "{}, {} x {}, {} epochs".format(*shapes.pop()) if len(shapes) == 1 else "mixed settings"
     ax.set(xlabel="dt (fixed for both models)", ylabel="test accuracy, % (best val. epoch)", title=title)
     ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def accuracy(plt, path, runs):
@@ -163,8 +175,7 @@ def accuracy(plt, path, runs):
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set(xlabel="epoch", ylabel="validation accuracy, %", title="Every run in results/ (dotted: no noise)")
     ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 if __name__ == "__main__":

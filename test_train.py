@@ -627,3 +627,25 @@ def test_model_selection_uses_validation_alone(tmp_path, monkeypatch, capsys):
     assert state["best"]["epoch"] == 2 and state["best"]["test_acc"] == 0.2
     assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["state"]["epoch"] == 2
     assert "best val acc 0.7000 at epoch 2; test acc there 0.2000" in capsys.readouterr().out
+
+
+def test_figures_are_byte_stable(tmp_path, monkeypatch):
+    """figures.py draws the same bytes again when the kernels' float64 round-off differs, as it does between CPUs,
+    BLAS builds and thread counts (noise of 1e-14 max |k| here, 100 times round-off), and its PNGs carry no
+    matplotlib version (skipped without matplotlib)."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import figures
+    import hope
+    import s4d
+    figures.impulse_responses(plt, tmp_path / "a.png")
+    g = torch.Generator().manual_seed(0)
+    for layer in (hope.HOPE, s4d.S4D):
+        def noisy(self, L, kernel=layer.kernel):
+            k = kernel(self, L)
+            return k + 1e-14 * k.abs().max() * torch.randn(k.shape, dtype=k.dtype, generator=g)
+        monkeypatch.setattr(layer, "kernel", noisy)
+    figures.impulse_responses(plt, tmp_path / "b.png")
+    a, b = (tmp_path / "a.png").read_bytes(), (tmp_path / "b.png").read_bytes()
+    assert a == b and b"Software" not in a and b"matplotlib" not in a
