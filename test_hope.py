@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-from hope import HOPE, algorithm1, hope_kernel, hope_kernel_spectrum, hope_transfer
+from hope import (HOPE, _tail_series, algorithm1, allpass, allpass_sum, hope_kernel, hope_kernel_spectrum,
+                  hope_transfer, naive_kernel, naive_kernel_spectrum, naive_tail, naive_transfer)
 from s4d import INITS, REAL_PARAMS, S4D, init_A, s4d_kernel
 
 f64 = torch.float64
@@ -92,6 +93,94 @@ def test_hope_kernel_is_the_exact_impulse_response(dt):
             ref = impulse_response(h, dts, L)
             assert kernel_error(hope_kernel(h, dts, L), ref, h) <= 1e-10, (n, L)
             assert kernel_error(hope_kernel(h.float(), dts.float(), L), ref, h) <= 1e-4, (n, L)
+
+
+def transfer_of_realization(h, dt, z):
+    """G(z) = D + C (zI - A)^-1 B of each channel's dense realization, at the points z (N,): (H, N)."""
+    out = []
+    for hc, dtc in zip(h, dt.tolist()):
+        A, B, C, D = (m.to(torch.complex128) for m in realization(hc, dtc))
+        eye = torch.eye(len(B), dtype=torch.complex128)
+        out.append(torch.stack([D + C @ torch.linalg.solve(zk * eye - A, B) for zk in z]))
+    return torch.stack(out)
+
+
+def relative(x, ref):
+    return ((x - ref).abs().max() / ref.abs().max()).item()
+
+
+DTS = [1e-4, 1e-2, 0.3, 3.0]
+SIZES = [(1, 1), (5, 2), (16, 33), (64, 128)]  # (n, L)
+
+
+@pytest.mark.parametrize("L", [16, 17])
+def test_naive_transfer_is_algorithm1_and_the_realization(L):
+    """Steps 2-3 are the all-pass b: Algorithm 1's circular kernel is the inverse FFT of sum_i h_i b^(i+1) at the
+    FFT nodes, and that sum is the dense realization's transfer function; hope_transfer is its fast twin."""
+    h = torch.randn(3, 6, dtype=f64)
+    dt = torch.tensor([1e-3, 0.7, 5.0], dtype=f64)
+    delta = torch.zeros(3, L, dtype=f64)
+    delta[:, 0] = 1
+    G = naive_transfer(h, dt, L)
+    torch.testing.assert_close(algorithm1(delta, h, dt), torch.fft.irfft(G, n=L), rtol=0, atol=1e-10)
+    z = torch.polar(torch.ones(L // 2 + 1, dtype=f64), torch.arange(L // 2 + 1, dtype=f64) * (2 * math.pi / L))
+    torch.testing.assert_close(G, transfer_of_realization(h, dt, z), rtol=0, atol=1e-10)
+    assert relative(hope_transfer(h, dt, L), G) < 1e-13
+
+
+@pytest.mark.parametrize("dt", DTS)
+def test_naive_kernel_is_the_realizations_impulse_response(dt):
+    """The cascade recurrence (cascade_step, which step() runs too) on a unit impulse is the dense realization's."""
+    for n, L in SIZES:
+        h = torch.randn(3, n, dtype=f64)
+        dts = dt * torch.tensor([1.0, 1.3, 0.7], dtype=f64)
+        assert relative(naive_kernel(h, dts, L)[0], impulse_response(h, dts, L)) < 1e-12, (n, L)
+
+
+@pytest.mark.parametrize("dt", DTS)
+def test_naive_tail_is_the_response_beyond_L(dt):
+    """R(z) = sum_j q_j b(z)^j is the tail: z^L (G(z) - sum_{t<L} k[t] z^-t), G and k from the dense realization,
+    at 11 generic points of the unit circle."""
+    z = torch.polar(torch.ones(11, dtype=f64), torch.arange(11, dtype=f64) * (2 * math.pi / 21) + 0.1)
+    for n, L in SIZES[:3]:
+        h = torch.randn(3, n, dtype=f64)
+        dts = dt * torch.tensor([1.0, 1.3, 0.7], dtype=f64)
+        a = ((1 - dts) / (1 + dts))[:, None, None]
+        b = (1 / z - a[:, 0]) / (1 - a[:, 0] / z)  # (H, 11)
+        k = impulse_response(h, dts, L)
+        head = (k[:, None, :] * z[:, None] ** -torch.arange(L, dtype=f64)).sum(-1)  # (H, 11)
+        tail = z ** L * (transfer_of_realization(h, dts, z) - head)
+        assert relative(allpass_sum(naive_tail(h, dts, L), b), tail) < 1e-9, (n, L)
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 64])
+def test_tail_series_on_the_circle_is_naive_tail(n):
+    """The fast tail (Q sampled on a circle, one FFT) against the simulated state's, over dt, L = 1, 2, 3, 200,
+    and the corner dt = (1 + rho) / (1 - rho), where -a lies on the circle and a + x vanishes at a sample."""
+    rho = 10 ** (-2 / n)
+    for dt in DTS + [(1 + rho) / (1 - rho)]:
+        for L in (1, 2, 3, 200):
+            h = torch.randn(3, n, dtype=f64)
+            dts = dt * torch.tensor([1.0, 1.3, 0.7], dtype=f64) if dt in DTS else torch.full((3,), dt, dtype=f64)
+            a = ((1 - dts) / (1 + dts))[:, None]
+            E = _tail_series(h, a, L, n + 1)[0]  # (H, n + 2): [0, E, 0]
+            q, ref = E[:, 1:] + a * E[:, :-1], naive_tail(h, dts, L)
+            scale = torch.maximum(ref.abs().max(), h.abs().max())  # the response's, once the tail has died out
+            assert ((q - ref).abs().max() / scale).item() < 1e-11, (dt, L)
+
+
+@pytest.mark.parametrize("dt", DTS)
+def test_kernel_spectrum_naive_is_the_padded_kernel_and_fast_is_naive(dt):
+    """K_L = G - (-1)^k R at the 2L nodes is the rfft of the zero-padded impulse response (the realization's), and
+    hope_kernel_spectrum (blocked powers, sine tables, groups, the circle) is that naive sum of plain powers."""
+    for n, L in SIZES:
+        h = torch.randn(3, n, dtype=f64)
+        dts = dt * torch.tensor([1.0, 1.3, 0.7], dtype=f64)
+        naive = naive_kernel_spectrum(h, dts, L)
+        truth = torch.fft.rfft(impulse_response(h, dts, L), n=2 * L)
+        assert relative(naive, truth) < 1e-10, (n, L)
+        assert relative(hope_kernel_spectrum(h, dts, L), naive) < 1e-11, (n, L)
+        assert relative(hope_kernel_spectrum(h.float(), dts.float(), L).cdouble(), naive) < 1e-4, (n, L)
 
 
 def test_hope_kernel_dt1_is_fir():
