@@ -12,6 +12,9 @@ Figures:
    S4D-Lin systems, n = 64 (64-by-64 Hankel matrices from 127 Markov parameters).
 3. dt_sweep.png: the table's test accuracies against dt (log axis), trained-dt runs at the right.
 4. accuracy.png: validation accuracy per epoch of every run in results/.
+5. folded_kernel.png: the exact causal kernel k[0..L-1] of a freshly initialized HOPE layer (n = 64, dt = 0.01,
+   L = 1024, float64) against the kernel that G at the 2L FFT nodes gives (the response folded with period 2L), one
+   channel, and their difference; the title gives the relative error over all 128 channels.
 """
 import glob
 import json
@@ -131,6 +134,32 @@ def hankel_singular_values(plt, path, n=64, draws=20):
     save(fig, path)
 
 
+def folded_kernel(plt, path, n=64, L=1024, dt=0.01):
+    import torch
+    from hope import HOPE, hope_kernel, hope_transfer
+    torch.manual_seed(0)
+    layer = HOPE(128, n, dt_min=dt, dt_max=dt).double()
+    h, dts = layer.h.detach(), layer.log_dt.detach().exp()
+    exact = hope_kernel(h, dts, L)  # (H, L)
+    folded = torch.fft.irfft(hope_transfer(h, dts, 2 * L), n=2 * L)[:, :L]  # sum_m k[t + 2L m]
+    err = (folded - exact).norm(dim=1) / exact.norm(dim=1)  # (H,)
+    c = err.argsort()[len(err) // 2].item()  # the channel with the median error
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 4.5), sharex=True, height_ratios=(3, 2))
+    top.plot(exact[c], color=COLORS["hope"], lw=1, label="exact k[t] (hope_kernel)")
+    top.plot(folded[c], color="k", lw=0.8, ls="--", label="folded: irfft of G at the 2L nodes")
+    late = exact[c, 20:].abs().max().item()
+    top.set_ylim(-1.5 * late, 1.5 * late)
+    top.set(ylabel=f"k[t], channel {c}", title=f"HOPE at init, n = {n}, dt = {dt:g} (n / dt = {n / dt:.0f}), L = {L}")
+    top.legend(fontsize=8, title_fontsize=7,
+               title=f"y axis cut at 1.5 max |k[t >= 20]|: |k[t]| reaches {exact[c].abs().max() / late:.0f} times that")
+    bottom.plot(folded[c] - exact[c], color="tab:orange", lw=1)
+    bottom.set(xlabel="time step t", ylabel="folded - exact",
+               title=f"||folded - exact|| / ||exact||: {100 * err[c]:.1f}% (the median channel), "
+                     f"{100 * err.min():.1f}% to {100 * err.max():.1f}% over all {len(err)}")
+    bottom.title.set_fontsize(9)
+    save(fig, path)
+
+
 def dt_sweep(plt, path, runs):
     """Test accuracy against fixed dt (a line through the seed means); trained dt at the right edge."""
     groups = grouped(runs)
@@ -190,7 +219,8 @@ if __name__ == "__main__":
     os.makedirs("figures", exist_ok=True)
     impulse_responses(plt, "figures/impulse_responses.png")
     hankel_singular_values(plt, "figures/hankel_singular_values.png")
-    names = ["impulse_responses", "hankel_singular_values"]
+    folded_kernel(plt, "figures/folded_kernel.png")
+    names = ["impulse_responses", "hankel_singular_values", "folded_kernel"]
     if runs:
         dt_sweep(plt, "figures/dt_sweep.png", runs)
         accuracy(plt, "figures/accuracy.png", runs)
