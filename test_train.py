@@ -18,6 +18,7 @@ import types
 import pytest
 import torch
 
+import data
 import train_scifar as ts
 
 
@@ -122,7 +123,7 @@ def write_fashion_mnist(data_dir, n_train=40, n_test=12):
 @pytest.mark.parametrize("writer", ["python2", "numpy.core", "numpy._core"])
 def test_cifar_loader_reads_exactly(tmp_path, monkeypatch, writer):
     path, batches = write_cifar(monkeypatch, str(tmp_path), writer=writer)
-    x_train, y_train, x_test, y_test, files = ts.load_cifar10(str(tmp_path), md5=ts.md5sum(path))
+    x_train, y_train, x_test, y_test, files = data.load_cifar10(str(tmp_path), md5=data.md5sum(path))
     assert files == [os.path.abspath(path)]
     expected = torch.cat([batches[f"data_batch_{i}"][0] for i in range(1, 6)]).view(-1, 3, 1024)
     assert torch.equal(x_train, expected) and x_train.dtype == torch.uint8
@@ -142,46 +143,46 @@ def test_python2_fixture_is_what_numpy_reads():
 
 def test_cifar_bad_md5_and_truncated_archive(tmp_path, monkeypatch):
     path, _ = write_cifar(monkeypatch, str(tmp_path))
-    with pytest.raises(ts.DataError, match="wrong MD5.*Delete it and run again"):
-        ts.load_cifar10(str(tmp_path))  # the tiny file is not the real tarball
+    with pytest.raises(data.DataError, match="wrong MD5.*Delete it and run again"):
+        data.load_cifar10(str(tmp_path))  # the tiny file is not the real tarball
     with open(path, "rb") as f:
         blob = f.read()
     with open(path, "wb") as f:
         f.write(blob[: len(blob) // 2])
-    with pytest.raises(ts.DataError, match="could not be read as the CIFAR-10 python tarball"):
-        ts.load_cifar10(str(tmp_path), md5=ts.md5sum(path))
+    with pytest.raises(data.DataError, match="could not be read as the CIFAR-10 python tarball"):
+        data.load_cifar10(str(tmp_path), md5=data.md5sum(path))
 
 
 def test_no_network_error_names_url_file_and_folder(tmp_path, monkeypatch):
     def offline(*a, **k):
-        raise ts.urllib.error.URLError("no network")
-    monkeypatch.setattr(ts.urllib.request, "urlopen", offline)
-    with pytest.raises(ts.DataError) as e:
-        ts.load_cifar10(str(tmp_path / "d"))
-    assert ts.CIFAR_URL in str(e.value) and "cifar-10-python.tar.gz" in str(e.value) and str(tmp_path / "d") in str(e.value)
+        raise data.urllib.error.URLError("no network")
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    with pytest.raises(data.DataError) as e:
+        data.load_cifar10(str(tmp_path / "d"))
+    assert data.CIFAR_URL in str(e.value) and "cifar-10-python.tar.gz" in str(e.value) and str(tmp_path / "d") in str(e.value)
     assert not (tmp_path / "d").exists()  # no partial file, no folder left behind
 
 
 def test_fashion_mnist_loader_reads_exactly_and_checks_headers(tmp_path):
     arrays = write_fashion_mnist(str(tmp_path))
-    x_train, y_train, x_test, y_test, files = ts.load_fashion_mnist(str(tmp_path))
-    assert files == sorted(str(tmp_path / name) for name in ts.FMNIST_FILES)
+    x_train, y_train, x_test, y_test, files = data.load_fashion_mnist(str(tmp_path))
+    assert files == sorted(str(tmp_path / name) for name in data.FMNIST_FILES)
     assert torch.equal(x_train, arrays["train"][0].view(-1, 1, 784))
     assert torch.equal(y_train, arrays["train"][1].long())
     assert torch.equal(x_test, arrays["t10k"][0].view(-1, 1, 784))
     bad = os.path.join(tmp_path, "train-labels-idx1-ubyte.gz")
     write_idx(bad, torch.zeros(4, 2, dtype=torch.uint8))  # a 2-D file where labels (1-D) belong
-    with pytest.raises(ts.DataError, match="not an IDX file of 1 dimension"):
-        ts.load_fashion_mnist(str(tmp_path))
+    with pytest.raises(data.DataError, match="not an IDX file of 1 dimension"):
+        data.load_fashion_mnist(str(tmp_path))
     with gzip.open(bad, "wb") as f:
         f.write(struct.pack(">II", 0x801, 40) + bytes(39))  # one label short
-    with pytest.raises(ts.DataError, match="truncated or corrupt"):
-        ts.load_fashion_mnist(str(tmp_path))
+    with pytest.raises(data.DataError, match="truncated or corrupt"):
+        data.load_fashion_mnist(str(tmp_path))
 
 
 def test_noise_padded_batch():
     x = torch.randint(0, 256, (4, 3, 1024), dtype=torch.uint8)
-    mean, std = (torch.tensor(v)[:, None] for v in ts.NORMALIZATION["cifar10"])
+    mean, std = torch.tensor([0.4914, 0.4822, 0.4465])[:, None], torch.tensor([0.2023, 0.1994, 0.2010])[:, None]
     noise = torch.rand(x.shape)
     out = ts.make_batch(x, mean, std, noise)
     assert out.shape == (4, 3, 2048) and out.dtype == torch.float32
@@ -204,7 +205,7 @@ def test_training_run_writes_every_file(tmp_path):
     assert (run / "config.json").exists() and (run / "last.pt").exists()
     config = json.load(open(run / "config.json"))
     assert config["code"] != "" and config["torch"] == torch.__version__ and config["device_name"] == "cpu"
-    assert config["data_files"] == sorted(str(tmp_path / "data" / name) for name in ts.FMNIST_FILES)
+    assert config["data_files"] == sorted(str(tmp_path / "data" / name) for name in data.FMNIST_FILES)
     state = ts.main(small_args(tmp_path, "--model", "s4d", "--out", str(run)) + ["--out", str(tmp_path / "run2")])
     run = tmp_path / "run2"  # 2 full epochs of 4 steps
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
@@ -284,8 +285,7 @@ def test_misuse_writes_nothing(tmp_path, capsys):
     write_fashion_mnist(str(tmp_path / "data"))
     refused(capsys, small_args(tmp_path, "--val-size", "40"), "--val-size 40", "40 training samples")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(SystemExit, match="is not a directory"):
-        ts.main(small_args(tmp_path, "--data-dir", str(tmp_path / "file")))
+    refused(capsys, small_args(tmp_path, "--data-dir", str(tmp_path / "file")), "is not a directory")
     refused(capsys, small_args(tmp_path, "--dt-min", "0.5", "--dt-max", "0.1"), "--dt-min")
     refused(capsys, small_args(tmp_path, "--warmup-epochs", "2"), "--warmup-epochs 2", "--epochs 2")
     refused(capsys, small_args(tmp_path, "--circular", "--bidirectional"), "--circular and --bidirectional")
@@ -308,9 +308,9 @@ def test_download_broken_midway_leaves_nothing(tmp_path, monkeypatch):
 
         def __exit__(self, *exc):
             return False
-    monkeypatch.setattr(ts.urllib.request, "urlopen", lambda *a, **k: Dropped(b"0123456789"))
-    with pytest.raises(ts.DataError, match="connection reset"):
-        ts.load_cifar10(str(tmp_path / "d" / "e"))
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: Dropped(b"0123456789"))
+    with pytest.raises(data.DataError, match="connection reset"):
+        data.load_cifar10(str(tmp_path / "d" / "e"))
     assert os.listdir(tmp_path) == []
 
 
@@ -318,53 +318,79 @@ def test_download_saves_only_what_matches_its_md5(tmp_path, monkeypatch):
     """A download is written (into a folder made for it) only when its MD5 matches, and then read as usual."""
     path, batches = write_cifar(monkeypatch, str(tmp_path / "src"))
     blob = open(path, "rb").read()
-    monkeypatch.setattr(ts.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(blob))
-    with pytest.raises(ts.DataError, match="wrong MD5.*nothing was saved"):
-        ts.load_cifar10(str(tmp_path / "d" / "e"))  # the default MD5 is the real file's
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(blob))
+    with pytest.raises(data.DataError, match="wrong MD5.*nothing was saved"):
+        data.load_cifar10(str(tmp_path / "d" / "e"))  # the default MD5 is the real file's
     assert not (tmp_path / "d").exists()
-    x_train, *_ = ts.load_cifar10(str(tmp_path / "d" / "e"), md5=ts.md5sum(path))
+    x_train, *_ = data.load_cifar10(str(tmp_path / "d" / "e"), md5=data.md5sum(path))
     assert os.listdir(tmp_path / "d" / "e") == ["cifar-10-python.tar.gz"]  # no .tmp left
     assert (tmp_path / "d" / "e" / "cifar-10-python.tar.gz").read_bytes() == blob
     assert torch.equal(x_train[:10], batches["data_batch_1"][0].view(-1, 3, 1024))
 
 
+def offline(monkeypatch):
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(data.urllib.error.URLError("offline")))
+
+
 def test_cifar_offline_names_the_offline_dataset_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(ts.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(ts.urllib.error.URLError("offline")))
+    offline(monkeypatch)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match="--dataset fashion-mnist") as e:
-        ts.main(["--model", "hope", "--device", "cpu"])  # the README's command, no network
-    assert ts.CIFAR_URL in str(e.value) and os.listdir(tmp_path) == []  # no ./data, no run folder
+    refused(capsys, ["--model", "hope", "--device", "cpu"], "--dataset fashion-mnist", data.CIFAR_URL)  # the README's command
+    assert os.listdir(tmp_path) == []  # no ./data, no run folder
 
 
-def test_explicit_data_dir_never_falls_back(tmp_path, monkeypatch):
+def test_explicit_data_dir_never_falls_back(tmp_path, monkeypatch, capsys):
+    """An explicit --data-dir is the only place read; if Debian's package is installed, the error points to it."""
+    monkeypatch.setattr(data, "FMNIST_DEBIAN_DIR", str(tmp_path / "debian"))
+    offline(monkeypatch)
+    refused(capsys, small_args(tmp_path, "--data-dir", str(tmp_path / "empty")), "apt-get install dataset-fashion-mnist")
     write_fashion_mnist(str(tmp_path / "debian"))
-    monkeypatch.setattr(ts, "FMNIST_DEBIAN_DIR", str(tmp_path / "debian"))
-    monkeypatch.setattr(ts.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(ts.urllib.error.URLError("offline")))
-    with pytest.raises(SystemExit, match="apt-get install dataset-fashion-mnist"):
-        ts.main(small_args(tmp_path, "--data-dir", str(tmp_path / "empty")))
+    refused(capsys, small_args(tmp_path, "--data-dir", str(tmp_path / "empty")), "Debian's copy, which is installed",
+            f"--data-dir {tmp_path / 'debian'}")
     assert not (tmp_path / "run").exists() and not (tmp_path / "empty").exists()
     monkeypatch.chdir(tmp_path)  # without --data-dir: ./data is missing, Debian's folder is used
     args = [a for a in small_args(tmp_path, "--max-steps", "1") if a not in ("--data-dir", str(tmp_path / "data"))]
     assert ts.main(args)["global_step"] == 1
     config = json.load(open(tmp_path / "run" / "config.json"))
-    assert config["data_files"] == sorted(str(tmp_path / "debian" / name) for name in ts.FMNIST_FILES)
+    assert config["data_files"] == sorted(str(tmp_path / "debian" / name) for name in data.FMNIST_FILES)
 
 
 def test_resume_rules(tmp_path, capsys):
-    """A moved run folder resumes; contradicting flags are refused; --epochs extends the cosine."""
+    """A moved run folder resumes; contradicting flags are refused; a run extended by --epochs follows the cosine of
+    a run planned for the new length from the start: lr 0.01 * 0.5 (1 + cos(pi s / S)) at step s of S."""
     write_fashion_mnist(str(tmp_path / "data"))
     ts.main(small_args(tmp_path, "--max-steps", "5", "--out", str(tmp_path / "a")))
     os.rename(tmp_path / "a", tmp_path / "moved")
     refused(capsys, small_args(tmp_path, "--out", str(tmp_path / "moved"), "--resume", "--lr", "0.5", "--d-model", "16"),
             "--d-model 16", "--lr 0.5")
     state = ts.main(small_args(tmp_path, "--out", str(tmp_path / "moved"), "--resume", "--epochs", "3"))
-    assert state["epoch"] == 3 and state["global_step"] == 12
-    lrs = [r["lr"] for r in state["history"]]
-    s = state["schedule"]  # a new cosine from step 5 (lr factor f5 of the 8-step cosine) to step 12
-    f5 = 0.5 * (1 + math.cos(math.pi * 5 / 8))
-    assert s == {"warmup": 0, "start": 5, "end": 12, "factor": pytest.approx(f5)}
-    assert lrs[1] == pytest.approx(0.01 * f5 * 0.5 * (1 + math.cos(math.pi * 2 / 7)))  # step 7 of the run
-    assert lrs[0] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 3 / 8)))  # step 3, the first cosine
+    assert state["epoch"] == 3 and state["global_step"] == 12  # 4 steps per epoch
+    lrs = [r["lr"] for r in state["history"]]  # each epoch's last step: 3 (planned for 8 steps then), 7, 11
+    assert lrs == pytest.approx([0.01 * 0.5 * (1 + math.cos(math.pi * s / S)) for s, S in ((3, 8), (7, 12), (11, 12))])
+
+
+def test_extending_a_finished_run_trains_on(tmp_path, capsys):
+    """A finished run says so, and a resume says it is finished; with a larger --epochs it trains at the learning
+    rate of a run planned for that length (not 0, where the first cosine ended), so the weights move."""
+    write_fashion_mnist(str(tmp_path / "data"))
+    ts.main(small_args(tmp_path))
+    out = capsys.readouterr().out
+    assert "finished 2 epochs" in out and "--resume" not in out
+    refused(capsys, small_args(tmp_path, "--resume"), "has finished its 2 epochs", "--epochs")
+    before = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    state = ts.main(small_args(tmp_path, "--resume", "--epochs", "4"))
+    assert [r["lr"] for r in state["history"][2:]] == pytest.approx([0.01 * 0.5 * (1 + math.cos(math.pi * s / 16)) for s in (11, 15)])
+    after = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    assert not torch.equal(before["layers.0.h"], after["layers.0.h"])
+
+
+def test_max_steps_counts_the_runs_steps(tmp_path, capsys):
+    """--max-steps N stops at step N of the run, on a resume too, and one already passed is refused."""
+    write_fashion_mnist(str(tmp_path / "data"))
+    assert ts.main(small_args(tmp_path, "--max-steps", "3"))["global_step"] == 3
+    assert ts.main(small_args(tmp_path, "--resume", "--max-steps", "6"))["global_step"] == 6
+    refused(capsys, small_args(tmp_path, "--resume", "--max-steps", "5"), "--max-steps 5", "at step 6")
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state"]["global_step"] == 6
 
 
 def test_warmup_then_cosine(tmp_path):
@@ -392,17 +418,17 @@ def test_preset_resolves_to_the_authors_recipe(tmp_path):
 
 def test_evaluation_noise_is_fixed_and_independent_of_batch_size(tmp_path):
     write_fashion_mnist(str(tmp_path / "data"))
-    parser, args, _ = ts.parse_args(small_args(tmp_path))
+    _, args, _ = ts.parse_args(small_args(tmp_path))
     args.data_dir_explicit = True
-    data, mean, std = ts.load_data(parser, args, torch.device("cpu"))
+    splits, mean, std = ts.load_data(args, torch.device("cpu"))
     model = ts.build_model(args, 1, 784)
     off = torch.autocast("cpu", enabled=False)
-    first = ts.evaluate(model, *data["test"], mean, std, args, off)
+    first = ts.evaluate(model, *splits["test"], mean, std, args, off)
     args.eval_batch_size = 5
-    again = ts.evaluate(model, *data["test"], mean, std, args, off)
+    again = ts.evaluate(model, *splits["test"], mean, std, args, off)
     assert first[1] == again[1] and first[0] == pytest.approx(again[0], rel=1e-6)
-    data2, _, _ = ts.load_data(parser, args, torch.device("cpu"))
-    assert torch.equal(data["val"][2], data2["val"][2]) and not torch.equal(data["val"][2], data["test"][2][:8])
+    splits2, _, _ = ts.load_data(args, torch.device("cpu"))
+    assert torch.equal(splits["val"][2], splits2["val"][2]) and not torch.equal(splits["val"][2], splits["test"][2][:8])
 
 
 class Zero(torch.nn.Module):
@@ -435,12 +461,17 @@ def test_optimizer_follows_the_hints(tmp_path):
     assert any(g["lr"] == 0.005 and g["weight_decay"] == 0.0 and "w" in {n.split(".")[-1] for n in g["names"]} for g in groups)
 
 
-def test_help_prints_no_warning_without_numpy():
-    code = ("import sys, runpy; sys.modules['numpy'] = None; sys.argv = ['train_scifar.py', '--help']; "
-            "runpy.run_path('train_scifar.py', run_name='__main__')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(ts.__file__))
-    assert out.returncode == 0 and out.stderr == "" and "default:" in out.stdout
-    assert out.stdout.count("(default:") >= 25  # every option shows its default
+def test_help_is_quiet_and_shows_each_default_once():
+    """With requirements.txt installed (numpy among them: torch warns at import without it), --help prints no
+    warning; every option with a default shows it, once."""
+    here = os.path.dirname(os.path.abspath(ts.__file__))
+    for script in ("bench.py", "train_scifar.py"):
+        run = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=here)
+        assert run.returncode == 0 and run.stderr == "", run.stderr
+    out = run.stdout
+    options = {o.split()[0]: " ".join(o.split()) for o in out.split("options:")[1].split("\n  -")[1:]}
+    assert all(o.count("default") == 1 for name, o in options.items() if name not in ("h,", "-preset", "-max-steps"))
+    assert "(default: runs/<model>-<dataset>-s<seed>)" in options["-out"] and "(default: 0.01)" in options["-lr"]
 
 
 @pytest.mark.parametrize("flags", [["--amp", "bf16", "--circular"], ["--no-noise", "--model", "s4d"],
@@ -459,7 +490,7 @@ def test_end_to_end_flags(tmp_path, flags):
 def test_end_to_end_preset_on_grayscale_cifar(tmp_path, monkeypatch):
     """The LRA Image preset (grayscale, bidirectional, no noise) with a tiny model: explicit flags win."""
     path, _ = write_cifar(monkeypatch, str(tmp_path / "data"), n_train=4, writer="python2")
-    monkeypatch.setattr(ts.load_cifar10, "__defaults__", (ts.md5sum(path),))
+    monkeypatch.setattr(data.load_cifar10, "__defaults__", (data.md5sum(path),))
     args = [a for a in small_args(tmp_path, "--preset", "lra-image", "--warmup-epochs", "0", "--epochs", "1")
             if a not in ("--dataset", "fashion-mnist")]
     state = ts.main(args)
@@ -504,7 +535,7 @@ def test_code_version_is_dirty_only_for_files_a_run_executes(tmp_path):
     if not shutil.which("git"):
         pytest.skip("needs git")
     here = os.path.dirname(os.path.abspath(ts.__file__))
-    for name in ("hope.py", "s4d.py", "train_scifar.py", "figures.py", "README.md"):
+    for name in ("hope.py", "s4d.py", "data.py", "train_scifar.py", "figures.py", "README.md"):
         shutil.copy(os.path.join(here, name), tmp_path / name)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
     for cmd in (["init", "-q"], ["add", "."], ["commit", "-qm", "x"]):
@@ -524,6 +555,7 @@ def test_code_version_is_dirty_only_for_files_a_run_executes(tmp_path):
 
 SIGTERM_RUN = """
 import os, signal, sys
+import data
 import train_scifar as ts
 make_batch, calls = ts.make_batch, []
 def make_batch_then_signal(*args, **kwargs):
@@ -546,7 +578,7 @@ def test_sigterm_saves_like_ctrl_c_and_a_second_signal_aborts(tmp_path, signals)
                          text=True, cwd=os.path.dirname(os.path.abspath(ts.__file__)), timeout=300)
     if signals == 1:
         assert out.returncode == 0, out.stderr
-        assert "SIGTERM: finishing this step" in out.stdout and "continue with --resume" in out.stdout
+        assert "SIGTERM: stopping after this training step" in out.stdout and "continue with --resume" in out.stdout
         assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state"]["global_step"] == 3
     else:
         assert out.returncode == -signal.SIGTERM and not (tmp_path / "run" / "last.pt").exists()
@@ -571,11 +603,11 @@ def test_split_is_fixed_and_the_same_for_every_seed(tmp_path):
     x, y = arrays["train"][0].view(-1, 1, 784), arrays["train"][1].long()
     perm = torch.randperm(60, generator=torch.Generator().manual_seed(42))
     for seed in ("0", "7"):
-        parser, args, _ = ts.parse_args(small_args(tmp_path, "--seed", seed, "--val-size", "12"))
+        _, args, _ = ts.parse_args(small_args(tmp_path, "--seed", seed, "--val-size", "12"))
         args.data_dir_explicit = True
-        data, _, _ = ts.load_data(parser, args, torch.device("cpu"))
-        assert torch.equal(data["val"][0], x[perm[:12]]) and torch.equal(data["val"][1], y[perm[:12]])
-        assert torch.equal(data["train"][0], x[perm[12:]]) and torch.equal(data["train"][1], y[perm[12:]])
+        splits, _, _ = ts.load_data(args, torch.device("cpu"))
+        assert torch.equal(splits["val"][0], x[perm[:12]]) and torch.equal(splits["val"][1], y[perm[:12]])
+        assert torch.equal(splits["train"][0], x[perm[12:]]) and torch.equal(splits["train"][1], y[perm[12:]])
 
 
 def test_normalization_constants_as_applied_to_real_batches(tmp_path, monkeypatch):
@@ -584,20 +616,20 @@ def test_normalization_constants_as_applied_to_real_batches(tmp_path, monkeypatc
     published = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
                  "cifar10-gray": ((122.6 / 255,), (61.0 / 255,)), "fashion-mnist": ((0.2860,), (0.3530,))}
     path, batches = write_cifar(monkeypatch, str(tmp_path / "data"), n_train=4)
-    monkeypatch.setattr(ts.load_cifar10, "__defaults__", (ts.md5sum(path),))
+    monkeypatch.setattr(data.load_cifar10, "__defaults__", (data.md5sum(path),))
     write_fashion_mnist(str(tmp_path / "data"))
     for name, flags in (("cifar10", ["--dataset", "cifar10"]), ("cifar10-gray", ["--dataset", "cifar10", "--grayscale"]),
                         ("fashion-mnist", [])):
-        parser, args, _ = ts.parse_args(small_args(tmp_path, *flags, "--val-size", "2"))
+        _, args, _ = ts.parse_args(small_args(tmp_path, *flags, "--val-size", "2"))
         args.data_dir_explicit = True
-        data, mean, std = ts.load_data(parser, args, torch.device("cpu"))
-        x = data["test"][0]
+        splits, mean, std = ts.load_data(args, torch.device("cpu"))
+        x = splits["test"][0]
         expected = (x.double() / 255 - torch.tensor(published[name][0], dtype=torch.float64)[:, None]) / torch.tensor(published[name][1], dtype=torch.float64)[:, None]
         torch.testing.assert_close(ts.make_batch(x, mean, std).double(), expected, rtol=1e-6, atol=1e-6)
     red = batches["test_batch"][0].view(-1, 3, 1024)[:, 0]  # the first 1024 bytes of a CIFAR row: the red plane
-    parser, args, _ = ts.parse_args(small_args(tmp_path, "--dataset", "cifar10", "--val-size", "2"))
+    _, args, _ = ts.parse_args(small_args(tmp_path, "--dataset", "cifar10", "--val-size", "2"))
     args.data_dir_explicit = True
-    assert torch.equal(ts.load_data(parser, args, torch.device("cpu"))[0]["test"][0][:, 0], red)
+    assert torch.equal(ts.load_data(args, torch.device("cpu"))[0]["test"][0][:, 0], red)
 
 
 def test_grayscale_is_pillows_convert_L():
@@ -606,7 +638,7 @@ def test_grayscale_is_pillows_convert_L():
     rgb = torch.randint(0, 256, (3, 20000), dtype=torch.uint8, generator=g)
     rgb[:, :256] = torch.arange(256, dtype=torch.uint8)  # gray pixels keep their level
     expected = [(19595 * r + 38470 * gg + 7471 * b + 0x8000) >> 16 for r, gg, b in rgb.T.tolist()]
-    assert ts.grayscale(rgb[None])[0, 0].tolist() == expected
+    assert data.grayscale(rgb[None])[0, 0].tolist() == expected
 
 
 def test_noise_and_pooling_positions_of_the_built_model(tmp_path):
@@ -626,7 +658,7 @@ def test_model_selection_uses_validation_alone(tmp_path, monkeypatch, capsys):
     state = ts.main(small_args(tmp_path, "--epochs", "3"))
     assert state["best"]["epoch"] == 2 and state["best"]["test_acc"] == 0.2
     assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["state"]["epoch"] == 2
-    assert "best val acc 0.7000 at epoch 2; test acc there 0.2000" in capsys.readouterr().out
+    assert "best val acc 0.7000 at epoch 2, test acc there 0.2000" in capsys.readouterr().out
 
 
 def test_figures_are_byte_stable(tmp_path, monkeypatch):
