@@ -5,8 +5,9 @@ This file stands alone (torch and the standard library only): copy it into a pro
 
 An S4-style layer runs one linear time-invariant system per channel. S4D parameterizes it by (A, B, C): its impulse
 response decays like exp(Re(A) t) and its Hankel matrix is numerically low-rank. HOPE parameterizes it by its Markov
-parameters h_0..h_{n-1}, the entries of its n-by-n Hankel matrix [h_{i+j}], and evaluates the transfer function
-G(z) = sum_i h_i z^(-i-1) at FFT nodes warped by a bilinear map with sampling period dt.
+parameters h_0..h_{n-1}, the entries of its n-by-n Hankel matrix [h_{i+j}] (0 for i + j >= n), and evaluates the
+transfer function G(z) = sum_i h_i z^(-i-1) at FFT nodes warped by a bilinear map with sampling period dt. The layer
+convolves causally with G's exact impulse response by default (section 3); Algorithm 1's circular form is an option.
 
 Glossary (code name = paper symbol: meaning)
     B, H, L      batch size, channels (d_model; one system per channel), sequence length
@@ -16,16 +17,14 @@ Glossary (code name = paper symbol: meaning)
     D  (H,)      feedthrough: y = (k * u) + D u
     a, b         a = (1 - dt) / (1 + dt) and the all-pass filter b(z) = (z^-1 - a) / (1 - a z^-1)   (section 2)
     k  (H, L)    the convolution kernel, G's impulse response;  u, y  the input and output
-    q  (H, n+1)  the coefficients of the kernel's tail beyond L                                          (section 3)
+    q  (H, n+1)  the kernel's tail beyond L as a polynomial in b, R = sum_j q_j b^j                     (section 3)
 
 Reading map. Each fast function comes after its naive twin (the math as written, for reading and for the tests,
-never on the layer's path); test_hope.py proves each pair equal, and both against an independent ground truth.
-    1  Algorithm 1, literally              algorithm1
-    2  the warp is an all-pass filter      allpass, allpass_sum, naive_transfer; the recurrence cascade_step
-    3  the exact causal kernel             naive_kernel, naive_tail, naive_kernel_spectrum; fast: _tail_series
-    4  the fast spectrum                   _Spectrum -> hope_transfer, hope_kernel_spectrum, hope_kernel
-    5  the convolution                     _FFTConv, two_sided
-    6  the layer                           HOPE: forward (a convolution), step (the recurrence);  7  input checks
+never on the layer's path); test_hope.py checks each pair, and both against an independent ground truth.
+    1 Algorithm 1, literally: algorithm1     2 the warp is an all-pass filter: allpass, naive_transfer, cascade_step
+    3 the exact causal kernel: naive_kernel, naive_tail, naive_kernel_spectrum; the fast tail: _tail_series
+    4 the fast spectrum: _Spectrum -> hope_transfer, hope_kernel_spectrum, hope_kernel   5 the convolution: _FFTConv
+    6 the layer: HOPE, forward (a convolution) and step (the recurrence)                  7 input checks
 """
 import math
 
@@ -57,19 +56,19 @@ def algorithm1(u, h, dt):
 
 # 2. The warp is an all-pass filter -------------------------------------------------------------------------------
 # Steps 2 and 3 compose to one map: multiply (1 + s) / (1 - s) through by (omega + 1) dt and divide by 1 + dt,
-#     omega' = (omega - a) / (1 - a omega),   a = (1 - dt) / (1 + dt),   |a| < 1,
-# a Blaschke factor, a map of the unit disk onto itself. So omega'^-1 = b(omega) with b(z) = (z^-1 - a) / (1 - a z^-1),
-# the first-order all-pass filter (|b| = 1 on the circle), and step 4 is G_dt(z) = sum_i h_i b(z)^(i+1):
-# n cascades of all-pass sections, weighted by h (a discrete Laguerre basis). dt = 1 gives a = 0, b = z^-1 and the
-# FIR kernel [0, h_0, .., h_{n-1}, 0 ..]. A section delays slow inputs by about 1/dt steps, so the kernel remembers
-# for about n/dt steps without decay (n = 64, dt = 0.1: 640). b has real coefficients, so Im(h) only makes Im(y),
-# which step 5 drops: h is real here (the authors store complex h).
+#     omega' = (omega - a) / (1 - a omega),   a = (1 - dt) / (1 + dt),   |a| < 1
+# (the textbook bilinear maps' factors 2 / dt and 2 / 1 cancel between the steps). This Blaschke factor maps the unit
+# disk onto itself, and omega'^-1 = b(omega) with b(z) = (z^-1 - a) / (1 - a z^-1), the first-order all-pass filter
+# (|b| = 1 on the circle). So step 4 is G_dt(z) = sum_i h_i b(z)^(i+1): n cascades of all-pass sections weighted by h
+# (a discrete Laguerre-type basis). dt = 1 gives a = 0, b = z^-1 and the FIR kernel [0, h_0, .., h_{n-1}]. A section
+# delays slow inputs by its group delay at z = 1, (1 + a) / (1 - a) = 1/dt steps, so the kernel holds them for about
+# n/dt steps (n = 64, dt = 0.1: 640). b has real coefficients, so Im(h) only makes Im(y), which step 5 drops: h is
+# real here (the authors store complex h).
 
 def allpass(dt, nfft):
     """b(z_k) at the rfft nodes z_k = exp(2 pi i k / nfft), k = 0..nfft//2: dt (H,) -> complex (H, nfft//2 + 1)."""
     a = ((1 - dt) / (1 + dt))[:, None]  # (H, 1)
-    k = torch.arange(nfft // 2 + 1, dtype=dt.dtype, device=dt.device)
-    z_inv = torch.polar(torch.ones_like(k), k * (-2 * math.pi / nfft))  # (nfft//2 + 1,): z^-1
+    z_inv = torch.exp(-2j * math.pi * torch.fft.rfftfreq(nfft, dtype=dt.dtype, device=dt.device))  # (nfft//2 + 1,)
     return (z_inv - a) / (1 - a * z_inv)
 
 
@@ -84,50 +83,51 @@ def naive_transfer(h, dt, nfft):
     return allpass_sum(F.pad(h, (1, 0)), allpass(dt, nfft))
 
 
-# The cascade is also a recurrence with n + 1 states, z_m = (b^m u)[t - 1]: the input delayed by nothing (m = 0) and
-# the outputs of sections 1..n at the previous step. From b's definition, (1 - a z^-1) b^m u = (z^-1 - a) b^(m-1) u,
-# that is, with primes for time t,
-#     z'_m = a z_m + z_(m-1) - a z'_(m-1),   z'_0 = u[t],   and   y[t] = sum_i h_i z'_(i+1).
-# Each section needs the new output of the one before: n dependent updates. Written for all m at once they are
-# (I + a S) z' = v, with S the shift and v = [u[t], z_(m-1) + a z_m]; the inverse of I + a S is the lower-triangular
-# Toeplitz matrix M[i, j] = (-a)^(i-j), so a step is one batched matrix product z' = M v.
+# A cascade is also a recurrence. Read z^-1 as a one-step delay and b^m u as u passed through m sections: the state
+# s_m = (b^m u)[t - 1], m = 0..n, holds the last input (m = 0) and each section's last output. b's definition,
+# (1 - a z^-1) b^m u = (z^-1 - a) b^(m-1) u, says at time t (primes: the new state)
+#     s'_m = a s_m + s_(m-1) - a s'_(m-1),   s'_0 = u[t],   and the output is y[t] = sum_i h_i s'_(i+1).
+# Each section needs the new output of the one before: n dependent updates. For all m at once they read
+# (I + a S) s' = v, with S the down-shift and v = [u[t], s_(m-1) + a s_m]; the inverse of I + a S is the
+# lower-triangular Toeplitz matrix T[i, j] = (-a)^(i-j), so a step is one batched matrix product s' = T v.
 
-def cascade_step(u_t, z, a):
-    """One step of the all-pass cascade: u_t (..., H), state z (..., H, n + 1), a (H, 1) -> the new state z'."""
-    n1 = z.shape[-1]
-    v = torch.cat([u_t[..., None], torch.addcmul(z[..., :-1], a, z[..., 1:])], -1)  # (..., H, n + 1)
+def cascade_step(u_t, s, a):
+    """One step of the all-pass cascade: u_t (..., H), state s (..., H, n + 1), a (H, 1) -> the new state s'."""
+    n1 = s.shape[-1]
+    v = torch.cat([u_t[..., None], torch.addcmul(s[..., :-1], a, s[..., 1:])], -1)  # (..., H, n + 1)
     p = torch.pow(-a, torch.arange(n1, device=a.device))  # (H, n + 1): (-a)^k
-    # Windows of [0 (n times), p], reversed: M[i, j] = p[i - j] for i >= j, else 0 (a strided view, one copy)
-    M = F.pad(p, (n1 - 1, 0)).unfold(-1, n1, 1).flip(-1)  # (H, n + 1, n + 1)
+    # Windows of [0 (n times), p], reversed: T[i, j] = p[i - j] for i >= j, else 0 (a strided view, one copy)
+    T = F.pad(p, (n1 - 1, 0)).unfold(-1, n1, 1).flip(-1)  # (H, n + 1, n + 1)
     with torch.autocast(a.device.type, enabled=False):  # under autocast the state would drift to bf16
-        return torch.einsum("hij,...hj->...hi", M, v)  # (..., H, n + 1)
+        return torch.einsum("hij,...hj->...hi", T, v)  # (..., H, n + 1)
 
 
 # 3. The exact causal kernel --------------------------------------------------------------------------------------
-# Algorithm 1 convolves circularly: the last inputs leak into the first outputs. A causal layer convolves with
-# k[0..L-1], the first L samples of G's impulse response, through FFTs of length 2L (zero-padded, nothing wraps).
-# The recurrence defines those samples, naively and beyond doubt:
+# Algorithm 1's circular convolution lets the last inputs leak into the first outputs. A causal layer convolves with
+# k[0..L-1], the first L samples of G's impulse response, which the recurrence defines naively and beyond doubt:
 
 def naive_kernel(h, dt, L):
     """k[0..L-1] (H, L), the cascade run on a unit impulse for L steps, and the state it ends in (H, n + 1)."""
     a = ((1 - dt) / (1 + dt))[:, None]  # (H, 1)
-    z, k = h.new_zeros(h.shape[0], h.shape[1] + 1), []
+    s, k = h.new_zeros(h.shape[0], h.shape[1] + 1), []
     for t in range(L):
-        z = cascade_step(h.new_full(h.shape[:1], float(t == 0)), z, a)  # (H, n + 1)
-        k.append((z[:, 1:] * h).sum(1))
-    return torch.stack(k, 1), z
+        s = cascade_step(h.new_full(h.shape[:1], float(t == 0)), s, a)  # (H, n + 1)
+        k.append((s[:, 1:] * h).sum(1))
+    return torch.stack(k, 1), s
 
 
-# The FFT route needs G at the 2L-th roots of unity z_k = exp(i pi k / L), but G there is the response *folded* with
-# period 2L, sum_m k[t + 2L m], and the memory n/dt is often far beyond 2L (n = 64, dt = 1e-3: 64,000 steps).
-# So split the response at L: G(z) = K_L(z) + z^-L R(z), with K_L = sum_{t<L} k[t] z^-t (wanted) and the tail
-# R = sum_t k[L + t] z^-t. At the nodes z_k^-L = (-1)^k, hence K_L(z_k) = G(z_k) - (-1)^k R(z_k).
-# The tail is the free response (zero input) from the state s the impulse leaves after L steps. Section m's recurrence
-# started from (s_(m-1), s_m) gives R_m = b R_(m-1) + (s_(m-1) + a s_m) / (1 - a z^-1), and 1 / (1 - a z^-1) is
-# (1 + a b) / (1 - a^2). Unrolled over the sections and weighted by h:
-#     R = (1 + a b) sum_j E_j b^j,   E_j = sum_{i>=j} h_i Q_(i-j),   Q_k = (s_k + a s_(k+1)) / (1 - a^2),
-# a polynomial in b again: R = sum_{j=0..n} q_j b^j with q_j = E_j + a E_(j-1). So K_L at the nodes is the same
-# all-pass sum as G, with coefficients [0, h] - (-1)^k q.
+# The FFT route needs the spectrum at the 2L-th roots of unity z_k = exp(i pi k / L), but G there is the spectrum of
+# the response *folded* with period 2L, sum_m k[t + 2L m], and the memory n/dt often reaches far beyond 2L (n = 64,
+# dt = 1e-3: 64,000 steps). So split the response at L: G(z) = K_L(z) + z^-L R(z), with K_L = sum_{t<L} k[t] z^-t
+# (wanted) and the tail R = sum_t k[L + t] z^-t. At the nodes z_k^-L = (-1)^k: K_L(z_k) = G(z_k) - (-1)^k R(z_k).
+# The tail is the response to zero input from the state s that naive_kernel ends in, s_m = (b^m delta)[L - 1]. Let
+# R_m be the z-transform of section m's output from t = L on (R_0 = 0: no input). The recurrence over t >= L, whose
+# terms at t = L - 1 are the state, transforms to (1 - a z^-1) R_m - a s_m = (z^-1 - a) R_(m-1) + s_(m-1), so
+#     R_m = b R_(m-1) + (s_(m-1) + a s_m) / (1 - a z^-1),   and   1 / (1 - a z^-1) = (1 + a b) / (1 - a^2).
+# Unrolled, R_(i+1) = (1 + a b) sum_{j<=i} Q_(i-j) b^j with Q_k = (s_k + a s_(k+1)) / (1 - a^2); weighted by h,
+#     R = sum_i h_i R_(i+1) = (1 + a b) sum_j E_j b^j,   E_j = sum_{i>=j} h_i Q_(i-j),
+# a polynomial in b again: R = sum_{j=0..n} q_j b^j, q_j = E_j + a E_(j-1) (E_(-1) = E_n = 0). So K_L at the nodes
+# is the same all-pass sum as G, with coefficients [0, h] - (-1)^k q.
 
 def naive_tail(h, dt, L):
     """q (H, n + 1): the tail R = sum_t k[L + t] z^-t = sum_j q_j b^j, from the state after L simulated steps."""
@@ -144,18 +144,21 @@ def naive_kernel_spectrum(h, dt, L):
     return naive_transfer(h, dt, 2 * L) - sign * allpass_sum(naive_tail(h, dt, L), allpass(dt, 2 * L))
 
 
-# The tail without simulating L steps. s_m is the coefficient of z^-(L-1) in b(z)^m, so sum_m s_m x^m is that
-# coefficient in 1 / (1 - x b(z)), a geometric series in z^-1 (a + x) / (1 + a x); collecting it gives
-#     sum_k (s_k + a s_(k+1)) x^k = (1 - a^2) Q(x),   Q(x) = (a + x)^(L-1) / (1 + a x)^L,
-# one closed form whose power-series coefficients are the Q_k. Then E_j = sum_{i>=j} h_i Q_(i-j) is the coefficient
-# of x^-j in hhat(x) Q(x), hhat(x) = sum_i h_i x^-i, a Laurent series on the ring 0 < |x| < 1/|a|. Its coefficients
-# are Cauchy integrals over any circle |x| = rho in the ring, and the trapezoid rule on M equispaced points of the
-# circle computes all of them with one FFT, exactly up to aliasing (each coefficient gains those M apart).
+# The tail without simulating L steps. s_m is the coefficient of z^-(L-1) in b(z)^m, so S(x) = sum_m s_m x^m is that
+# coefficient in 1 / (1 - x b(z)) = (1 - a z^-1) / ((1 + a x)(1 - w z^-1)), w = (a + x) / (1 + a x): a geometric
+# series, giving S(x) = (w^(L-1) - a w^(L-2)) / (1 + a x) = (1 - a^2) x w^(L-2) / (1 + a x)^2 for L >= 2 (s_0 = 0)
+# and S = 1 / (1 + a x) for L = 1 (s_0 = 1). In both cases sum_k (s_k + a s_(k+1)) x^k = (1 - a^2) Q(x) with
+#     Q(x) = (a + x)^(L-1) / (1 + a x)^L.
+# Then E_j = sum_{i>=j} h_i Q_(i-j) is the coefficient of x^-j in hhat(x) Q(x), hhat(x) = sum_i h_i x^-i: a Laurent
+# series on the ring 0 < |x| < 1/|a|, whose coefficients are Cauchy integrals over any circle |x| = rho inside it.
+# The trapezoid rule on M equispaced points of the circle computes them all with one FFT, exactly up to aliasing:
+# each coefficient gains those M apart, times rho^M. Q's coefficients decay only like |a|^k (a ~ 1 for small dt),
+# so the circle lies inside the unit disk (rho < 1), where rho^M makes the aliases negligible.
 
 def _tail_series(h, a, L, length):
-    """The fast twin of naive_tail's E, as [0, E, 0 ..] (H, length + 1), and what the adjoint needs; a (H, 1).
-    M = 8n points on |x| = rho = 10^(-2/n): aliasing rho^M = 1e-16, and rescaling by rho^-j amplifies rounding at
-    most rho^-n = 100, so all of it is float64. Real h: rfft and irfft on half the points."""
+    """The fast twin of naive_tail's E: [0, E, 0 ..] (H, length + 1), and what the adjoint needs; a (H, 1) float64.
+    M = 8n, rho = 10^(-2/n): aliases rho^M = 1e-16; undoing the radius (rho^j, j < n) magnifies round-off by at most
+    rho^-n = 100, hence float64. irfft's exponent has the + sign, so its entry j is the coefficient of x^-j."""
     n = h.shape[1]
     M, rho = 8 * n, 10 ** (-2 / n)
     k = torch.arange(M // 2 + 1, dtype=torch.float64, device=h.device)
@@ -165,14 +168,14 @@ def _tail_series(h, a, L, length):
     w = (a + x) / ax
     wN = torch.polar(w.abs() ** max(L - 2, 0), w.angle() * max(L - 2, 0))  # w^(L-2) (w may be 0); no complex pow: slow
     Q = (wN * w if L > 1 else 1) / ax  # w^(L-1) / (1 + a x)
-    hhat = torch.fft.rfft(h.double() / scale, n=M)  # hhat(x_l) = sum_i h_i rho^-i exp(-2 pi i i l / M)
+    hhat = torch.fft.rfft(h.double() / scale, n=M)  # hhat at the points x: sum_i h_i x^-i
     E = torch.fft.irfft(hhat * Q, n=M)[:, :n] * scale  # (H, n)
     return F.pad(E.to(h.dtype), (1, length - n)), (L, x, ax, wN, Q, hhat, scale)  # [0, E, 0 ..]
 
 
 def _tail_series_adjoint(dE, L, x, ax, wN, Q, hhat, scale, with_da):
-    """dh (H, n) and da (H,) (None unless with_da) of sum_j dE_j E_j: h -> E correlates with Q, so dh correlates
-    dE with conj(Q); da pairs dE with E computed from dQ/da, pointwise on the circle:
+    """dh (H, n) and da (H,) (None unless with_da) of sum_j dE_j E_j. h -> E is a product with Q on the circle, so its
+    adjoint is the product with conj(Q); da pairs dE with the E that dQ/da gives, pointwise on the circle:
         dQ/da = w^(L-2) (L (1 - x^2) - (1 + a x)) / (1 + a x)^3    (L >= 2),    -x / (1 + a x)^2   (L = 1)."""
     n, M = scale.shape[0], 2 * (x.shape[0] - 1)
     u = dE[:, :n].double() * scale  # (H, n)
@@ -185,13 +188,12 @@ def _tail_series_adjoint(dE, L, x, ax, wN, Q, hhat, scale, with_da):
 
 
 # 4. The fast spectrum --------------------------------------------------------------------------------------------
-# Both spectra are all-pass sums P_k = sum_m coef_m b_k^m. Eager PyTorch on a GPU pays a kernel launch per operation:
-# the fast twin is one autograd Function of a few dozen operations whatever n and L, and no (H, N, n) table.
 
 def _warp(log_dt, nfft, groups):
-    """psi = arg omega' (H, N, G) at the rfft nodes theta = 2 pi k / nfft, and a = tanh(-log dt / 2) (H, 1, 1).
+    """psi = arg omega' (H, N, G) at the rfft nodes theta = 2 pi k / nfft, and a (H, 1, 1): tanh(-log dt / 2) is
+    (1 - dt) / (1 + dt) without forming dt.
 
-    omega' = omega (1 - a conj(omega)) / (1 - a omega), a ratio of conjugates times omega, so b = exp(-i psi) with
+    omega' = omega conj(c) / c with c = 1 - a omega, and arg(conj(c) / c) = -2 arg c, so b = exp(-i psi) with
     psi = theta + 2 atan2(a sin theta, 1 - a cos theta): no singularity, and float64 keeps a small dt's digits.
     Node k = G i + g sits at [i, g]: the exact kernel's even and odd nodes (G = 2) get their own columns."""
     N = nfft // (2 * groups) + 1
@@ -204,7 +206,8 @@ def _angle_pairs(psi, dtype):
     """(H, N, G) angles -> (H G, 1, N, 2), each angle twice, group by group: the layout _exp_i fills in place. The
     free complex view round trip makes torch.compile store these angles instead of recomputing the warp per entry."""
     H, N, G = psi.shape
-    pairs = psi.transpose(1, 2)[..., None].expand(H, G, N, 2).to(dtype, copy=True, memory_format=torch.contiguous_format)
+    pairs = psi.transpose(1, 2)[..., None].expand(H, G, N, 2)  # (H, G, N, 2)
+    pairs = pairs.to(dtype, copy=True, memory_format=torch.contiguous_format)
     return torch.view_as_real(torch.view_as_complex(pairs)).view(H * G, 1, N, 2)
 
 
@@ -217,7 +220,8 @@ def _exp_i(base, step, count, offset):
 
 class _Spectrum(torch.autograd.Function):
     """P_k = sum_m coef_m b_k^m at the rfft nodes of length nfft: the fast twin of naive_transfer (coef = [0, h],
-    nfft = L) and of naive_kernel_spectrum (coef = [0, h] -/+ q on even/odd nodes, nfft = 2L). Takes log dt.
+    nfft = L) and of naive_kernel_spectrum (coef = [0, h] -/+ q on even/odd nodes, nfft = 2L). Takes log dt. A GPU
+    in eager PyTorch pays one kernel launch per operation: this is a few dozen, whatever n and L.
 
     Blocked powers: split m = c j + r (c ~ sqrt(n) powers per block, J blocks), so b^m = b^r beta^j with beta = b^c
     and P = sum_r b^r U_r, U_r = sum_j coef_(cj+r) beta^j: one batched matmul, one product and one sum over c + J
@@ -234,7 +238,7 @@ class _Spectrum(torch.autograd.Function):
             J = math.ceil((n + 2) / c)  # blocks for b^0 .. b^(n+1): one more than P needs, for dt's gradient
             psi, a64 = _warp(log_dt.double(), nfft, G)  # (H, N, G), (H, 1, 1): float64
             N, a = psi.shape[1], a64.to(h.dtype)
-            # beta^j = exp(-i c j psi) from psi mod 2 pi / c, taken in float64: float32 angles stay below 2 pi J
+            # beta^j = exp(-i c j psi): psi mod 2 pi / c in float64 first, or psi's float32 rounding grows c j times
             base, base_c = _angle_pairs(psi, h.dtype), _angle_pairs(psi.remainder(2 * math.pi / c), h.dtype)
             offset = F.pad(h.new_full((N, 1), math.pi / 2), (0, 1))  # (N, 2): [pi / 2, 0]
             coef = F.pad(h, (1, c * J - n - 1))[:, None]  # (H, 1, cJ): g = [0, h, 0 ..]
@@ -245,8 +249,7 @@ class _Spectrum(torch.autograd.Function):
                 q = torch.addcmul(E[:, 1:], a[:, 0], ctx.E)  # (H, cJ): q_j = E_j + a E_(j-1)
                 sign = torch.arange(-1, 2, 2, dtype=h.dtype, device=h.device)[:, None]  # (2, 1): even, odd
                 coef = torch.addcmul(coef, sign, q[:, None])  # (H, 2, cJ)
-            # U before the powers of b: the beta table is freed first, and only b^r is kept for the backward
-            # (c + J tables at the peak, never c + 2J).
+            # U first: the beta table is freed before b^r (kept for the backward) is made, so c + J tables at the peak
             beta_j = torch.view_as_real(_exp_i(base_c, -c, J, offset)).view(H * G, J, 2 * N)  # (HG, J, 2N)
             U = coef.view(H * G, J, c).mT @ beta_j  # (HG, c, J) @ (HG, J, 2N) -> (HG, c, 2N): Re, Im interleaved
             del beta_j
@@ -258,7 +261,7 @@ class _Spectrum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        with torch.autocast(grad.device.type, enabled=False):  # autocast would run the real matmuls in bf16
+        with torch.autocast(grad.device.type, enabled=False):  # as in forward
             coef, a, b_r, base_c, offset = ctx.saved_tensors
             (H, G, cJ), (c, N) = coef.shape, b_r.shape[1:]
             grad = F.pad(grad, (0, G * N - grad.shape[1])).view(H, N, G).transpose(1, 2)  # (H, G, N): the groups
@@ -302,13 +305,12 @@ def hope_kernel(h, dt, L):
 
 
 # 5. The convolution ----------------------------------------------------------------------------------------------
-# The layer multiplies rfft(u) by a spectrum directly, never forming k: with nfft = 2L (causal) the kernel's second
-# half is zero and irfft(rfft(u) K)[:L] is the causal convolution; with nfft = L it is Algorithm 1's step 5.
+# The layer multiplies rfft(u) by a spectrum directly, never forming k: with nfft = 2L the kernel's zero second half
+# makes irfft(rfft(u) K)[:L] the causal convolution; with nfft = L it is Algorithm 1's step 5.
 
 class _FFTConv(torch.autograd.Function):
-    """y = irfft(rfft(u) K)[..., :L], FFTs of length nfft: u (B, H, L), K (H, nfft//2 + 1). Its adjoint written out,
-    du = irfft(rfft(dy) conj(K)), dK = sum_B rfft(dy) conj(U) / nfft with the bins that stand for two doubled:
-    autograd would run rfft's backward as a full complex FFT of a zero-filled spectrum, twice the work."""
+    """y = irfft(rfft(u) K)[..., :L], FFTs of length nfft: u (B, H, L), K (H, nfft//2 + 1). The adjoint written out
+    (autograd's would be a full complex FFT): du = irfft(rfft(dy) conj(K)), dK = sum_B rfft(dy) conj(U) / nfft."""
 
     @staticmethod
     def forward(ctx, u, K, nfft):
@@ -322,15 +324,14 @@ class _FFTConv(torch.autograd.Function):
         dY = torch.fft.rfft(dy, n=nfft, norm="forward")  # (B, H, nfft//2 + 1): rfft(dy) / nfft
         du = torch.fft.irfft(dY * K.conj(), n=nfft, norm="forward")[..., :dy.shape[-1]]
         dK = (dY * U.conj()).sum(0)  # (H, nfft//2 + 1)
-        dK[:, 1:(nfft + 1) // 2].mul_(2)
+        dK[:, 1:(nfft + 1) // 2].mul_(2)  # the bins that stand for two
         return du, dK, None
 
 
 def two_sided(K, L):
     """The rfft (length 2L) of y[t] = sum_{s<=t} k_fwd[t - s] u[s] + sum_{s>t} k_bwd[s - t - 1] u[s], from the causal
     spectra K (2H, L + 1) of k_fwd (rows :H) and k_bwd (rows H:) -> (H, L + 1). k_bwd[j] acts at lag t - s = -(j + 1),
-    so its spectrum is sum_j k_bwd[j] z^(j+1) = z conj(K_bwd(z)) (k_bwd real, |z| = 1): lag 2L - j - 1 on the
-    2L-periodic grid, and no lag wraps around (|t - s| < L)."""
+    so its spectrum is sum_j k_bwd[j] z^(j+1) = z conj(K_bwd(z)) (k_bwd real, |z| = 1): lag 2L - j - 1 mod 2L."""
     H, k = len(K) // 2, torch.arange(L + 1, dtype=K.real.dtype, device=K.device)
     return K[:H] + torch.polar(torch.ones_like(k), k * (math.pi / L)) * K[H:].conj()  # z_k = exp(2 pi i k / 2L)
 
@@ -349,12 +350,11 @@ def _register(module, name, tensor, lr, hint):
 class HOPE(nn.Module):
     """HOPE layer: SSM convolution + D u -> GELU -> dropout -> 1x1 conv with GLU (the S4D block).
 
-    Input and output (B, H, L), or (B, L, H) with transposed=False. d_state: n, the number of Markov parameters.
-    dt_min, dt_max: dt is log-uniform in [dt_min, dt_max] per channel; set them equal to fix it.
-    lr_dt: learning-rate hint for dt (0 freezes it as a buffer; no weight decay); lr_h: hint for h (None: the
-        optimizer's default, as in the paper); h keeps the optimizer's weight decay.
-    circular: the paper's circular convolution (equal to algorithm1) instead of the exact causal one.
-    bidirectional: add an anti-causal kernel with its own h and dt (see two_sided); not with circular.
+    Input and output (B, H, L), or (B, L, H) with transposed=False. d_state: n. dt: log-uniform in [dt_min, dt_max]
+    per channel (equal: fixed). lr_dt: learning-rate hint for dt (0 freezes it as a buffer; no weight decay); lr_h:
+    hint for h (None: the optimizer's default, as in the paper); h keeps the optimizer's weight decay.
+    circular: Algorithm 1's circular convolution instead of the exact causal one. bidirectional: add an anti-causal
+    kernel with its own h and dt (see two_sided); not with circular.
     """
 
     def __init__(self, d_model, d_state=64, dt_min=0.001, dt_max=0.1, dropout=0.0, lr_dt=0.001,
@@ -363,8 +363,8 @@ class HOPE(nn.Module):
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         if circular and bidirectional:
-            raise ValueError("circular and bidirectional exclude each other: the bidirectional layer is an exact "
-                             "two-sided convolution without wrap-around; choose one")
+            raise ValueError("circular and bidirectional exclude each other (the bidirectional layer is an exact "
+                             "two-sided convolution without wrap-around): choose one")
         H, n, systems = d_model, d_state, 2 * d_model if bidirectional else d_model
         self.H, self.n, self.circular, self.bidirectional, self.transposed = H, n, circular, bidirectional, transposed
         log_dt = torch.rand(systems) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
@@ -407,8 +407,8 @@ class HOPE(nn.Module):
         return self.h.new_zeros(batch, self.H, self.n + 1)
 
     def step(self, u_t, state):
-        """The causal layer one time step at a time: u_t (B, H), state (B, H, n + 1) -> y_t (B, H), the new state.
-        The cascade of section 2 (cascade_step), y_t = sum_i h_i (b^(i+1) u)[t] + D u_t, then the block."""
+        """forward() one sample at a time (in eval mode; dropout draws differ): u_t (B, H), state (B, H, n + 1) ->
+        y_t (B, H), the new state. The cascade of section 2, y_t = sum_i h_i (b^(i+1) u)[t] + D u_t, then the block."""
         if self.circular or self.bidirectional:
             raise ValueError(f"step() runs the causal recurrence, but this layer is "
                              f"{'circular' if self.circular else 'bidirectional'}: its output at t depends on "
@@ -447,8 +447,8 @@ def _check_kernel_args(h, dt, L):
         raise ValueError(f"h must be a real floating tensor (H, n) with n >= 1, got {h.dtype} {tuple(h.shape)}; "
                          "pass h.real for complex Markov parameters (Im(h) has no effect)")
     if not isinstance(dt, torch.Tensor) or dt.shape != (h.shape[0],):
-        raise ValueError(f"dt must be a tensor of shape (H,) = ({h.shape[0]},), one per channel of h, "
-                         f"got {tuple(dt.shape) if isinstance(dt, torch.Tensor) else type(dt).__name__}")
+        raise ValueError(f"dt must be a tensor of shape (H,) = ({h.shape[0]},), one per channel of h, got "
+                         f"{tuple(dt.shape) if isinstance(dt, torch.Tensor) else type(dt).__name__}")
     _check_positive(dt)
     if not isinstance(L, int) or L < 1:
         raise ValueError(f"L must be an int >= 1, got {L!r}")
