@@ -85,8 +85,7 @@ def make_optimizer(model, args, device):
         group = groups.setdefault(tuple(sorted(hint.items())), {"params": [], "names": [], **hint})
         group["params"].append(p)
         group["names"].append(name.split(".")[-1])
-    opt = torch.optim.AdamW(list(groups.values()), lr=args.lr, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW(list(groups.values()), lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]  # the schedule scales it
         print(f"optimizer group: lr {g['lr']:g}, weight_decay {g['weight_decay']:g}, "
@@ -134,23 +133,13 @@ def train_epoch(args, step_fn, optimizer, data_, mean, std, perm_gen, state, aut
                 raise SystemExit(f"\nerror: non-finite loss at epoch {state['epoch'] + 1}, step {state['step']}; stopping. "
                                  f"{os.path.join(args.out, 'last.pt')} holds the last good state; try a lower --lr")
             seen, rate = state["step"] * args.batch_size, (state["step"] - step0) / (time.time() - t0)  # steps/s
-            eval_left = (args.epochs - state["epoch"]) * state["eval_seconds"]  # known after the first evaluation
-            print(f"\repoch {state['epoch'] + 1}/{args.epochs} step {state['step']}/{steps_per_epoch} "
-                  f"loss {state['sums'][0] / seen:.4f} acc {state['sums'][1] / seen:.4f} {rate * args.batch_size:.0f} "
-                  f"samples/s ETA epoch {duration((steps_per_epoch - state['step']) / rate)}, run "
-                  f"{duration((total - state['global_step']) / rate + eval_left)}"
+            run_left = (total - state["global_step"]) / rate + (args.epochs - state["epoch"]) * state["eval_seconds"]
+            print(f"\repoch {state['epoch'] + 1}/{args.epochs} step {state['step']}/{steps_per_epoch} loss "
+                  f"{state['sums'][0] / seen:.4f} acc {state['sums'][1] / seen:.4f} {rate * args.batch_size:.0f} samples/s, "
+                  f"ETA epoch {(steps_per_epoch - state['step']) / rate / 60:.1f} min, run {run_left / 3600:.1f} h"
                   f"{'' if state['eval_seconds'] else ' + evaluations'}   ", end="", flush=True)
     print()
     return state["step"] == steps_per_epoch
-
-
-def duration(seconds):
-    """'3d 04h', '2h 05m', '4m 10s' or '12s'."""
-    s = round(seconds)
-    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
-        if s >= size:
-            return f"{s // size}{unit} {s % size // sub_size:02d}{sub}"
-    return f"{s}s"
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -304,29 +293,26 @@ def code_version():
 
 
 def check_out(parser, out):
-    """--out must be a folder that exists or can be made; nothing is created here."""
+    """--out must name a folder that exists or can be made; nothing is made here."""
     parent = out
     while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not out or (os.path.exists(out) and not os.path.isdir(out)):
-        parser.error(f"--out {out!r} is {'empty' if not out else 'a file'}: name a folder for the run")
-    if not os.path.isdir(parent or ".") or not os.access(parent or ".", os.W_OK | os.X_OK):
-        parser.error(f"--out {out}: cannot make or write folders in {parent or '.'}; choose another --out")
+    if not out or not os.path.isdir(parent or ".") or not os.access(parent or ".", os.W_OK | os.X_OK):
+        why = "is empty" if not out else "is a file" if os.path.isfile(out) else f"cannot be made in {parent}"
+        parser.error(f"--out {out!r} {why}: name a folder the run can write")
 
 
 def resolve(parser, args, given):
     """Checks every flag; on --resume, the run folder's config with the flags that may change. -> (config, ckpt)."""
-    if args.dt_min > args.dt_max:
-        parser.error(f"--dt-min {args.dt_min} is larger than --dt-max {args.dt_max}")
-    if args.warmup_epochs >= args.epochs:
-        parser.error(f"--warmup-epochs {args.warmup_epochs} must be below --epochs {args.epochs}")
-    if args.circular and args.bidirectional:
-        parser.error("--circular and --bidirectional exclude each other (the bidirectional layer never wraps around)")
-    if args.grayscale and args.dataset != "cifar10":
-        parser.error(f"--grayscale turns CIFAR-10's color images into one channel; {args.dataset} is grayscale already")
-    unused = sorted(given & (set().union(*MODEL_FLAGS.values()) - MODEL_FLAGS[args.model]))
-    if unused:
-        parser.error(f"{', '.join('--' + k.replace('_', '-') for k in unused)} do(es) nothing for --model {args.model}")
+    unused = ", ".join("--" + k.replace("_", "-") for k in sorted(given & (set().union(*MODEL_FLAGS.values()) - MODEL_FLAGS[args.model])))
+    for wrong, message in [
+            (args.dt_min > args.dt_max, f"--dt-min {args.dt_min} is larger than --dt-max {args.dt_max}"),
+            (args.warmup_epochs >= args.epochs, f"--warmup-epochs {args.warmup_epochs} must be below --epochs {args.epochs}"),
+            (args.circular and args.bidirectional, "--circular and --bidirectional exclude each other (no wrap-around in both directions)"),
+            (args.grayscale and args.dataset != "cifar10", f"--grayscale is for CIFAR-10's colors; {args.dataset} is grayscale already"),
+            (unused, f"{unused}: nothing for --model {args.model}; drop them")]:
+        if wrong:
+            parser.error(message)
     try:
         torch.empty(0, device=args.device)  # a bad name, or a device type, index or backend this build or machine lacks
     except (RuntimeError, AssertionError):
@@ -346,21 +332,19 @@ def resolve(parser, args, given):
         parser.error(f"--resume: {last} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty'});"
                      f" it is truncated or corrupt. best.pt beside it holds the best epoch; copy it to last.pt to go on from there")
     saved, state = ckpt["config"], ckpt["state"]
-    conflicts = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {saved.get(k)})"
-                 for k in sorted(given - CHANGEABLE_ON_RESUME) if getattr(args, k) != saved.get(k)]
-    if conflicts:
-        parser.error("--resume continues the run in --out with its own settings; these flags contradict it: " + ", ".join(conflicts))
+    conflicts = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {saved.get(k)})"
+                          for k in sorted(given - CHANGEABLE_ON_RESUME) if getattr(args, k) != saved.get(k))
     epochs = args.epochs if "epochs" in given else saved["epochs"]
-    if epochs < saved["epochs"]:
-        parser.error(f"--epochs {epochs}: the run was planned for {saved['epochs']}; --resume can only extend it")
-    if state["epoch"] >= epochs:
-        parser.error(f"--resume: the run in {args.out} has finished its {state['epoch']} epochs; to train on, give a larger --epochs")
-    if args.max_steps is not None and args.max_steps <= state["global_step"]:
-        parser.error(f"--max-steps {args.max_steps}: the run is at step {state['global_step']} already; --max-steps counts "
-                     "the run's steps in total")
-    config = dict(saved, out=args.out, resume=True, device=args.device, amp=args.amp, compile=args.compile,
-                  max_steps=args.max_steps, epochs=epochs, data_dir=args.data_dir if "data_dir" in given else saved["data_dir"])
-    return dict(config, data_dir_explicit=saved["data_dir_explicit"] or "data_dir" in given), ckpt
+    for wrong, message in [
+            (conflicts, f"--resume continues the run in --out with its own settings; these flags contradict it: {conflicts}"),
+            (epochs < saved["epochs"], f"--epochs {epochs}: the run was planned for {saved['epochs']}; --resume can only extend it"),
+            (state["epoch"] >= epochs, f"--resume: the run in {args.out} has finished its {epochs} epochs; to train on, give a larger --epochs"),
+            ((args.max_steps or math.inf) <= state["global_step"],
+             f"--max-steps {args.max_steps}: the run is at step {state['global_step']} already (it counts the run's steps)")]:
+        if wrong:
+            parser.error(message)
+    changed = {k: getattr(args, k) for k in CHANGEABLE_ON_RESUME if k in given or k not in ("epochs", "data_dir")}
+    return dict(saved, **changed, data_dir_explicit=saved["data_dir_explicit"] or "data_dir" in given), ckpt
 
 
 def setup(args, ckpt, device, n_train, C, L0):
@@ -441,21 +425,18 @@ def main(argv=None):
     def should_stop():
         return stop["signal"] is not None or state["global_step"] >= (args.max_steps or math.inf)
 
-    def stopped(where):
-        save_checkpoint(args, model, optimizer, perm_gen, state, device)
-        print(f"stopped {where}, step {state['global_step']}; saved {args.out}/last.pt (continue with --resume)")
-        return state
-
     previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while state["epoch"] < args.epochs:
-            if not train_epoch(args, step_fn, optimizer, splits, mean, std, perm_gen, state, autocast, should_stop):
-                return stopped(f"in epoch {state['epoch'] + 1}")
-            t0 = time.time()
-            val = evaluate(model, *splits["val"], mean, std, args, autocast, lambda: stop["signal"] is not None)
-            test = val and evaluate(model, *splits["test"], mean, std, args, autocast, lambda: stop["signal"] is not None)
-            if test is None:
-                return stopped(f"while evaluating epoch {state['epoch'] + 1} (it is evaluated again on --resume)")
+            trained = train_epoch(args, step_fn, optimizer, splits, mean, std, perm_gen, state, autocast, should_stop)
+            t0, signaled = time.time(), lambda: stop["signal"] is not None
+            val = trained and evaluate(model, *splits["val"], mean, std, args, autocast, signaled)
+            test = val and evaluate(model, *splits["test"], mean, std, args, autocast, signaled)
+            if not test:
+                save_checkpoint(args, model, optimizer, perm_gen, state, device)
+                print(f"stopped at step {state['global_step']}{'' if trained else ' (the epoch is evaluated on --resume)'}; "
+                      f"saved {args.out}/last.pt (continue with --resume)")
+                return state
             state["eval_seconds"] = time.time() - t0
             (loss_sum, correct), count = state["sums"], state["step"] * args.batch_size  # full batches only
             row = {"epoch": state["epoch"] + 1, "train_loss": loss_sum / count, "train_acc": correct / count,
