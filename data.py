@@ -179,9 +179,10 @@ def grayscale(x):
     return (((x.int() * weights).sum(1, keepdim=True) + 0x8000) >> 16).to(torch.uint8)
 
 
-def load(dataset, data_dir, gray=False, search_debian=True):
-    """(x_train, y_train, x_test, y_test, files, (mean, std)): uint8 (N, C, L0) images, labels, the files read and
-    the per-channel normalization. gray: CIFAR-10 as one luma channel."""
+def load(dataset, data_dir, val_size, gray=False, search_debian=True):
+    """({"train", "val", "test"}: (uint8 images (N, C, L0), labels)), the files read, (mean, std) per channel.
+    Validation is the first val_size of a fixed permutation (seed 42, the authors') of the training set, whatever
+    the run's seed. gray: CIFAR-10 as one luma channel."""
     if os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise DataError(f"--data-dir {data_dir} exists but is not a directory")
     if dataset == "cifar10":
@@ -190,4 +191,9 @@ def load(dataset, data_dir, gray=False, search_debian=True):
             x_train, x_test = grayscale(x_train), grayscale(x_test)
     else:
         x_train, y_train, x_test, y_test, files = load_fashion_mnist(data_dir, search_debian)
-    return x_train, y_train, x_test, y_test, files, NORMALIZATION[dataset + "-gray" * gray]
+    if val_size >= len(x_train):
+        raise DataError(f"--val-size {val_size} must be below the {len(x_train)} training samples")
+    perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(42))
+    val, train = perm[:val_size], perm[val_size:]
+    splits = {"train": (x_train[train], y_train[train]), "val": (x_train[val], y_train[val]), "test": (x_test, y_test)}
+    return splits, files, NORMALIZATION[dataset + "-gray" * gray]

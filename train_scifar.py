@@ -15,6 +15,7 @@ Everything a run writes goes to --out: config.json, metrics.jsonl, last.pt, best
 formats are in data.py.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -58,18 +59,33 @@ class SequenceClassifier(nn.Module):
 def build_model(args, d_input, L0):
     """The classifier for sequences of L0 image steps (followed by L0 noise steps unless --no-noise)."""
     if args.model == "hope":
-        def make_layer():
-            return HOPE(args.d_model, args.d_state, args.dt_min, args.dt_max, args.dropout, lr_dt=args.lr_dt,
-                        lr_h=args.lr_h, circular=args.circular, bidirectional=args.bidirectional)
+        make_layer = functools.partial(HOPE, args.d_model, args.d_state, args.dt_min, args.dt_max, args.dropout, lr_dt=args.lr_dt,
+                                       lr_h=args.lr_h, circular=args.circular, bidirectional=args.bidirectional)
     else:
-        def make_layer():
-            return S4D(args.d_model, args.d_state, args.dt_min, args.dt_max, args.dropout, init=args.s4d_init,
-                       real_param=args.s4d_real, lr=args.lr_ssm, lr_dt=args.lr_dt, bidirectional=args.bidirectional)
+        make_layer = functools.partial(S4D, args.d_model, args.d_state, args.dt_min, args.dt_max, args.dropout, init=args.s4d_init,
+                                       real_param=args.s4d_real, lr=args.lr_ssm, lr_dt=args.lr_dt, bidirectional=args.bidirectional)
     return SequenceClassifier(make_layer, d_input, 10, args.d_model, args.n_layers, args.dropout,
                               pool_from=0 if args.no_noise else L0)
 
 
-# --------------------------------------------------------------------------------------- batch
+# ------------------------------------------------------------------------------ data and batch
+def load_data(args, device):
+    """{"train", "val", "test"}: (uint8 images (N, C, L0), labels, noise (N, C, L0)) on the device, and the per-channel
+    mean and std. Validation and test noise is drawn once, on the CPU from seed + 1: the same on every device."""
+    splits, args.data_files, norm = data.load(args.dataset, args.data_dir, args.val_size, args.grayscale,
+                                              search_debian=not args.data_dir_explicit)
+    print(f"data: {', '.join(args.data_files)}")
+    if args.batch_size > len(splits["train"][0]):
+        raise data.DataError(f"--batch-size {args.batch_size} is larger than the {len(splits['train'][0])} training "
+                             f"samples left after --val-size {args.val_size}")
+    noise_gen = torch.Generator().manual_seed(args.seed + 1)
+    for name, (x, y) in splits.items():
+        noise = None if args.no_noise or name == "train" else torch.rand(x.shape, generator=noise_gen)  # (N, C, L0)
+        splits[name] = (x.to(device), y.to(device), None if noise is None else noise.to(device))
+    mean, std = (torch.tensor(v, device=device)[:, None] for v in norm)  # (C, 1)
+    return splits, mean, std
+
+
 def make_batch(x, mean, std, noise=None):
     """uint8 (B, C, L0) -> normalized float (B, C, L0), followed by the noise (B, C, L0) if given."""
     x = (x.float() / 255 - mean) / std
@@ -145,14 +161,13 @@ def train_epoch(args, step_fn, optimizer, data_, mean, std, perm_gen, state, aut
 # ---------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model, x_all, y_all, noise_all, mean, std, args, autocast, interrupted=lambda: False):
-    """(loss, accuracy), or None if interrupted() became true; the noise was drawn once per split, so every
-    evaluation sees the same numbers."""
+    """(loss, accuracy), or None once interrupted() is true (it is asked before every batch); the noise was drawn
+    once per split, so every evaluation sees the same numbers."""
     model.eval()
     loss, correct = 0.0, 0
     for i in range(0, len(x_all), args.eval_batch_size):
         if interrupted():
-            model.train()
-            return None
+            break
         x, y = x_all[i:i + args.eval_batch_size], y_all[i:i + args.eval_batch_size]
         noise = None if noise_all is None else noise_all[i:i + args.eval_batch_size]
         with autocast:
@@ -160,30 +175,7 @@ def evaluate(model, x_all, y_all, noise_all, mean, std, args, autocast, interrup
         loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
     model.train()
-    return loss / len(x_all), correct / len(x_all)
-
-
-def load_data(args, device):
-    """Train/val/test: uint8 (N, C, L0), labels and (val, test) fixed noise, all on the device; normalization.
-
-    The split is fixed (seed 42); the evaluation noise is drawn on the CPU from seed + 1, the same on every device."""
-    x_train, y_train, x_test, y_test, args.data_files, norm = data.load(
-        args.dataset, args.data_dir, args.grayscale, search_debian=not args.data_dir_explicit)
-    print(f"data: {', '.join(args.data_files)}")
-    if args.val_size >= len(x_train):
-        raise data.DataError(f"--val-size {args.val_size} must be below the {len(x_train)} training samples")
-    if args.batch_size > len(x_train) - args.val_size:
-        raise data.DataError(f"--batch-size {args.batch_size} is larger than the {len(x_train) - args.val_size} "
-                             f"training samples left after --val-size {args.val_size}")
-    perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(42))
-    val, train = perm[:args.val_size], perm[args.val_size:]
-    splits, noise_gen = {}, torch.Generator().manual_seed(args.seed + 1)
-    for split, (x, y) in {"train": (x_train[train], y_train[train]), "val": (x_train[val], y_train[val]),
-                          "test": (x_test, y_test)}.items():
-        noise = None if args.no_noise or split == "train" else torch.rand(x.shape, generator=noise_gen)  # (N, C, L0)
-        splits[split] = (x.to(device), y.to(device), None if noise is None else noise.to(device))
-    mean, std = (torch.tensor(v, device=device)[:, None] for v in norm)  # (C, 1)
-    return splits, mean, std
+    return None if interrupted() else (loss / len(x_all), correct / len(x_all))
 
 
 # ------------------------------------------------------------------------------ run management
