@@ -58,12 +58,12 @@ class SequenceClassifier(nn.Module):
 
 def build_model(args, d_input, L0):
     """The classifier for sequences of L0 image steps (followed by L0 noise steps unless --no-noise)."""
+    shared = dict(d_model=args.d_model, d_state=args.d_state, dt_min=args.dt_min, dt_max=args.dt_max, dropout=args.dropout,
+                  lr_dt=args.lr_dt, bidirectional=args.bidirectional)
     if args.model == "hope":
-        make_layer = functools.partial(HOPE, args.d_model, args.d_state, args.dt_min, args.dt_max, args.dropout, lr_dt=args.lr_dt,
-                                       lr_h=args.lr_h, circular=args.circular, bidirectional=args.bidirectional)
+        make_layer = functools.partial(HOPE, **shared, lr_h=args.lr_h, circular=args.circular)
     else:
-        make_layer = functools.partial(S4D, args.d_model, args.d_state, args.dt_min, args.dt_max, args.dropout, init=args.s4d_init,
-                                       real_param=args.s4d_real, lr=args.lr_ssm, lr_dt=args.lr_dt, bidirectional=args.bidirectional)
+        make_layer = functools.partial(S4D, **shared, init=args.s4d_init, real_param=args.s4d_real, lr=args.lr_ssm)
     return SequenceClassifier(make_layer, d_input, 10, args.d_model, args.n_layers, args.dropout,
                               pool_from=0 if args.no_noise else L0)
 
@@ -262,8 +262,8 @@ def parse_args(argv=None):
     given = {k: v for k, v in given.items() if v is not unset}
     preset = PRESETS.get(given.get("preset"), {})
     model = given.get("model", parser.get_default("model"))
-    args = argparse.Namespace(**{d: parser.get_default(d) for d in dests})
-    vars(args).update({**preset.get("all", {}), **preset.get(model, {}), **given})
+    defaults = {d: parser.get_default(d) for d in dests}
+    args = argparse.Namespace(**{**defaults, **preset.get("all", {}), **preset.get(model, {}), **given})
     if args.dataset != "cifar10" and "grayscale" not in given:
         args.grayscale = False  # a preset's grayscale is for CIFAR-10; the other datasets are grayscale already
     if args.out is None:
@@ -284,23 +284,14 @@ def code_version():
     return commit.stdout.strip() + ("+dirty" if dirty else "")
 
 
-def check_out(parser, out):
-    """--out must name a folder that exists or can be made; nothing is made here."""
-    parent = out
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not out or not os.path.isdir(parent or ".") or not os.access(parent or ".", os.W_OK | os.X_OK):
-        why = "is empty" if not out else "is a file" if os.path.isfile(out) else f"cannot be made in {parent}"
-        parser.error(f"--out {out!r} {why}: name a folder the run can write")
-
-
 def resolve(parser, args, given):
     """Checks every flag; on --resume, the run folder's config with the flags that may change. -> (config, ckpt)."""
-    unused = ", ".join("--" + k.replace("_", "-") for k in sorted(given & (set().union(*MODEL_FLAGS.values()) - MODEL_FLAGS[args.model])))
+    other_models = set().union(*MODEL_FLAGS.values()) - MODEL_FLAGS[args.model]
+    unused = ", ".join("--" + k.replace("_", "-") for k in sorted(given & other_models))
     for wrong, message in [
             (args.dt_min > args.dt_max, f"--dt-min {args.dt_min} is larger than --dt-max {args.dt_max}"),
             (args.warmup_epochs >= args.epochs, f"--warmup-epochs {args.warmup_epochs} must be below --epochs {args.epochs}"),
-            (args.circular and args.bidirectional, "--circular and --bidirectional exclude each other (no wrap-around in both directions)"),
+            (args.circular and args.bidirectional, "--circular and --bidirectional exclude each other"),
             (args.grayscale and args.dataset != "cifar10", f"--grayscale is for CIFAR-10's colors; {args.dataset} is grayscale already"),
             (unused, f"{unused}: nothing for --model {args.model}; drop them")]:
         if wrong:
@@ -310,7 +301,12 @@ def resolve(parser, args, given):
     except (RuntimeError, AssertionError):
         parser.error(f"--device {args.device} is not available with this PyTorch build (torch {torch.__version__}) "
                      f"on this machine; use --device cpu{' or --device cuda' if torch.cuda.is_available() else ''}")
-    check_out(parser, args.out)
+    parent = args.out  # the nearest folder that exists: --out is made in it (later, once the data is read)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not args.out or not os.path.isdir(parent or ".") or not os.access(parent or ".", os.W_OK | os.X_OK):
+        why = "is empty" if not args.out else "is a file" if os.path.isfile(args.out) else f"cannot be made in {parent}"
+        parser.error(f"--out {args.out!r} {why}: name a folder the run can write")
     last = os.path.join(args.out, "last.pt")
     if not args.resume:
         if os.path.exists(last) or os.path.exists(os.path.join(args.out, "best.pt")):
@@ -321,16 +317,17 @@ def resolve(parser, args, given):
     try:
         ckpt = torch.load(last, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many kinds for a damaged file
-        parser.error(f"--resume: {last} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty'});"
-                     f" it is truncated or corrupt. best.pt beside it holds the best epoch; copy it to last.pt to go on from there")
+        parser.error(f"--resume: {last} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty'}); "
+                     "it is truncated or corrupt. best.pt holds the best epoch: copy it to last.pt to go on from there")
     saved, state = ckpt["config"], ckpt["state"]
     conflicts = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {saved.get(k)})"
                           for k in sorted(given - CHANGEABLE_ON_RESUME) if getattr(args, k) != saved.get(k))
     epochs = args.epochs if "epochs" in given else saved["epochs"]
     for wrong, message in [
-            (conflicts, f"--resume continues the run in --out with its own settings; these flags contradict it: {conflicts}"),
-            (epochs < saved["epochs"], f"--epochs {epochs}: the run was planned for {saved['epochs']}; --resume can only extend it"),
-            (state["epoch"] >= epochs, f"--resume: the run in {args.out} has finished its {epochs} epochs; to train on, give a larger --epochs"),
+            (conflicts, f"--resume continues the run in --out with its settings; these flags contradict it: {conflicts}"),
+            (epochs < saved["epochs"], f"--epochs {epochs}: the run was planned for {saved['epochs']}; --resume only extends"),
+            (state["epoch"] >= epochs, f"--resume: the run in {args.out} has finished its {epochs} epochs; "
+                                       "to train on, give a larger --epochs"),
             ((args.max_steps or math.inf) <= state["global_step"],
              f"--max-steps {args.max_steps}: the run is at step {state['global_step']} already (it counts the run's steps)")]:
         if wrong:
