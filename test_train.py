@@ -328,7 +328,7 @@ def test_lra_preset_runs_offline_on_fashion_mnist(tmp_path):
     assert state["epoch"] == 1 and not config["grayscale"] and config["bidirectional"] and config["no_noise"]
 
 
-def test_ctrl_c_during_evaluation_stops_at_once_and_resume_evaluates_again(tmp_path, monkeypatch):
+def test_ctrl_c_during_evaluation_stops_at_once_and_resume_evaluates_again(tmp_path, monkeypatch, capsys):
     """A real SIGINT in the first evaluation batch: no further batch is evaluated, last.pt is saved, and the resumed
     run evaluates the epoch and ends as an uninterrupted run does."""
     write_fashion_mnist(str(tmp_path / "data"))
@@ -344,6 +344,7 @@ def test_ctrl_c_during_evaluation_stops_at_once_and_resume_evaluates_again(tmp_p
     monkeypatch.setattr(ts, "make_batch", make_batch_then_signal)
     stopped = ts.main(small_args(tmp_path, "--out", str(tmp_path / "b"), "--eval-batch-size", "2"))
     assert len(evaluated) == 1 and stopped["history"] == [] and stopped["global_step"] == 4  # of 4 val + 6 test batches
+    assert "stopped at step 4 (the epoch is evaluated on --resume)" in capsys.readouterr().out
     monkeypatch.setattr(ts, "make_batch", make_batch)
     resumed = ts.main(small_args(tmp_path, "--out", str(tmp_path / "b"), "--resume"))
     assert [r["val_acc"] for r in resumed["history"]] == [r["val_acc"] for r in full["history"]]
@@ -439,6 +440,8 @@ def test_max_steps_counts_the_runs_steps(tmp_path, capsys):
     """--max-steps N stops at step N of the run, on a resume too, and one already passed is refused."""
     write_fashion_mnist(str(tmp_path / "data"))
     assert ts.main(small_args(tmp_path, "--max-steps", "3"))["global_step"] == 3
+    out = capsys.readouterr().out
+    assert "stopped at step 3; saved" in out and "continue with --resume" in out
     assert ts.main(small_args(tmp_path, "--resume", "--max-steps", "6"))["global_step"] == 6
     refused(capsys, small_args(tmp_path, "--resume", "--max-steps", "5"), "--max-steps 5", "at step 6")
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state"]["global_step"] == 6

@@ -318,7 +318,8 @@ def resolve(parser, args, given):
         ckpt = torch.load(last, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many kinds for a damaged file
         parser.error(f"--resume: {last} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty'}); "
-                     "it is truncated or corrupt. best.pt holds the best epoch: copy it to last.pt to go on from there")
+                     "it is truncated or corrupt. " + ("best.pt holds the best epoch: copy it to last.pt to go on from there"
+                     if os.path.exists(os.path.join(args.out, "best.pt")) else "Start the run again in another --out"))
     saved, state = ckpt["config"], ckpt["state"]
     conflicts = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {saved.get(k)})"
                           for k in sorted(given - CHANGEABLE_ON_RESUME) if getattr(args, k) != saved.get(k))
@@ -393,10 +394,13 @@ def main(argv=None):
     args.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     try:
         splits, mean, std = load_data(args, device)
-        print(json.dumps(vars(args), indent=1))
-        record(args, argv)
-    except (data.DataError, OSError) as e:
+    except data.DataError as e:
         parser.error(str(e))
+    print(json.dumps(vars(args), indent=1))
+    try:
+        record(args, argv)
+    except OSError as e:
+        parser.error(f"--out {args.out}: the run folder cannot be written ({e.strerror}); choose another --out")
     use_bf16 = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     x_train = splits["train"][0]
@@ -423,7 +427,7 @@ def main(argv=None):
             test = val and evaluate(model, *splits["test"], mean, std, args, autocast, signaled)
             if not test:
                 save_checkpoint(args, model, optimizer, perm_gen, state, device)
-                print(f"stopped at step {state['global_step']}{'' if trained else ' (the epoch is evaluated on --resume)'}; "
+                print(f"stopped at step {state['global_step']}{' (the epoch is evaluated on --resume)' if trained else ''}; "
                       f"saved {args.out}/last.pt (continue with --resume)")
                 return state
             state["eval_seconds"] = time.time() - t0
