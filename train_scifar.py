@@ -117,9 +117,9 @@ def lr_factor(step, warmup, total):
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
 
 
-def train_epoch(args, step_fn, optimizer, data_, mean, std, perm_gen, state, autocast, should_stop):
+def train_epoch(args, step_fn, optimizer, splits, mean, std, perm_gen, state, autocast, should_stop):
     """Steps until the epoch ends or should_stop(); returns True if the epoch is complete."""
-    x_train, y_train, _ = data_["train"]
+    x_train, y_train, _ = splits["train"]
     steps_per_epoch = len(x_train) // args.batch_size  # full batches only
     warmup, total = args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch
     if state["perm"] is None:
