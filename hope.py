@@ -152,13 +152,13 @@ def naive_kernel_spectrum(h, dt, L):
 # Then E_j = sum_{i>=j} h_i Q_(i-j) is the coefficient of x^-j in hhat(x) Q(x), hhat(x) = sum_i h_i x^-i: a Laurent
 # series on the ring 0 < |x| < 1/|a|, whose coefficients are Cauchy integrals over any circle |x| = rho inside it.
 # The trapezoid rule on M equispaced points of the circle computes them all with one FFT, exactly up to aliasing:
-# each coefficient gains those M apart, times rho^M. Q's coefficients decay only like |a|^k (a ~ 1 for small dt),
-# so the circle lies inside the unit disk (rho < 1), where rho^M makes the aliases negligible.
+# each coefficient gains those M apart, times rho^M. Q's coefficients are only bounded (|Q_k| <= 1 / (1 - |a|), as
+# |s_k| <= 1 for all-pass sections), not small, so the circle lies inside the unit disk: rho < 1, aliases * rho^M.
 
 def _tail_series(h, a, L, length):
     """The fast twin of naive_tail's E: [0, E, 0 ..] (H, length + 1), and what the adjoint needs; a (H, 1) float64.
-    M = 8n, rho = 10^(-2/n): aliases rho^M = 1e-16; undoing the radius (rho^j, j < n) magnifies round-off by at most
-    rho^-n = 100, hence float64. irfft's exponent has the + sign, so its entry j is the coefficient of x^-j."""
+    M = 8n, rho = 10^(-2/n): aliases rho^M = 1e-16; sampling hhat at |x| = rho (h_i / rho^i) magnifies round-off by at
+    most rho^-n = 100, hence float64. irfft's exponent has the + sign, so its entry j is the coefficient of x^-j."""
     n = h.shape[1]
     M, rho = 8 * n, 10 ** (-2 / n)
     k = torch.arange(M // 2 + 1, dtype=torch.float64, device=h.device)
