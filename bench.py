@@ -3,6 +3,7 @@
     python bench.py                  # full sizes: H = 128, L = 2048, 4 x 128 model
     python bench.py --json out.json  # the same, also written as JSON
     python bench.py --compile        # adds torch.compile rows (layers and training step)
+    python bench.py --size tiny --reps 1  # every row at toy sizes in seconds: checks the script runs, measures nothing
 
 Each figure: warm-up runs, then the median of several timed runs of forward + backward, taken
 round-robin within the kernel, layer and step groups (a slow phase of the machine hits all alike). Peak
@@ -15,13 +16,15 @@ a TorchDispatchMode that tallies every operation except views (which only relabe
 PyTorch each of them is one GPU kernel launch (~10-30 us on an H100 once Python and autograd are paid),
 so the count is a device-independent figure for launch-bound sizes; compiled rows are not counted.
 
-Kernel rows (H = 128, L = 2048, h and dt both get gradients): hope = the exact causal kernel's
+Kernel rows (H, L = 128, 2048 at --size paper; h and dt both get gradients): hope = the exact causal kernel's
 spectrum at the 2L nodes, what the causal layer uses; G2L = the plain transfer function G at the
 same nodes (the circular mode's evaluation, the exact kernel's lower bound); literal = Algorithm 1's
 steps 1-4 as one (H, L, n) complex tensor, then iFFT (the authors' form); s4d = S4D's kernel.
-Layer rows: one layer (d_state 64), forward + backward. recurrent-1000 rows: 1,000 step() calls (the
-first 1,000 outputs one at a time, no gradients) next to forward-1000, one forward pass over the same
-1,000 samples. Step rows: one training step of the 4 x 128 model (forward, backward, AdamW).
+Layer rows: one layer (d_state 64), forward + backward. recurrent-T rows: T step() calls (the first T outputs
+one at a time, no gradients; T = 1,000 at --size paper) next to forward-T, one forward pass over the same T
+samples. Step rows: one training step of the 4 x 128 model (forward, backward, AdamW).
+A new kind of row is a branch of case() (its name says what it runs), a name in row_names() and, for a
+comparison, a line in ratios().
 """
 import argparse
 import collections
@@ -38,11 +41,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import data
 import train_scifar
 from hope import HOPE, hope_kernel_spectrum, hope_transfer
 from s4d import S4D
 
-H, L = 128, 2048
+SIZES = {  # H channels, L steps, T step() calls, the training step's model depth
+    "paper": dict(H=128, L=2048, T=1000, n_layers=4),
+    "tiny": dict(H=4, L=32, T=10, n_layers=1),  # seconds for every row: for the test that bench.py still runs
+}
 
 
 def literal_kernel(h, dt, L):
@@ -80,8 +87,9 @@ def launches(fn):
     return sum(count.ops.values())
 
 
-def case(name, device, batch):
+def case(name, device, batch, size=SIZES["paper"]):
     """A zero-argument function running one forward + backward of the named case."""
+    H, L = size["H"], size["L"]
     torch.manual_seed(0)
     if name.startswith("kernel-"):  # kernel-<hope|G2L|literal|s4d>-n<state size>; dt trains (gets a gradient)
         kind, n = name.split("-")[1], int(name.split("-n")[-1])
@@ -98,28 +106,30 @@ def case(name, device, batch):
         u = torch.randn(batch, H, L, device=device, requires_grad=True)
         forward = torch.compile(layer, fullgraph=True) if name.endswith("-compile") else layer
         return lambda: forward(u).square().mean().backward()
-    if name.startswith(("recurrent-", "forward-")):  # <recurrent|forward>-1000-<hope|s4d>: inference, no gradients
+    if name.startswith(("recurrent-", "forward-")):  # <recurrent|forward>-<T>-<hope|s4d>: inference, no gradients
+        T = int(name.split("-")[1])
         layer = (HOPE if name.endswith("hope") else S4D)(H, 64).to(device).eval()
-        u = torch.randn(batch, H, 1000, device=device)
+        u = torch.randn(batch, H, T, device=device)
 
         @torch.no_grad()
         def run():
             if name.startswith("forward"):
                 return layer(u)
             state = layer.default_state(batch)
-            for t in range(1000):
+            for t in range(T):
                 _, state = layer.step(u[..., t], state)
         return run
     model_name, variant = name.split("-")[1:]  # step-<model>-<fp32|bf16|compile>
     amp = variant == "bf16"
-    _, args, _ = train_scifar.parse_args(["--model", model_name, "--device", str(device)])
+    _, args, _ = train_scifar.parse_args(["--model", model_name, "--device", str(device), "--d-model", str(H),
+                                          "--n-layers", str(size["n_layers"])])
     model = train_scifar.build_model(args, 3, L // 2).to(device)
     forward = torch.compile(model) if variant == "compile" else model
     with open(os.devnull, "w") as quiet:
         stdout, sys.stdout = sys.stdout, quiet
         optimizer = train_scifar.make_optimizer(model, args, device)
         sys.stdout = stdout
-    mean, std = (torch.tensor(v, device=device)[:, None] for v in train_scifar.NORMALIZATION["cifar10"])
+    mean, std = (torch.tensor(v, device=device)[:, None] for v in data.NORMALIZATION["cifar10"])
     images = torch.randint(0, 256, (batch, 3, L // 2), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
 
@@ -131,6 +141,45 @@ def case(name, device, batch):
         loss.backward()
         optimizer.step()
     return step
+
+
+def row_names(size, compile):
+    """The rows by group; each group is timed round-robin."""
+    T, compiled = size["T"], ["layer-hope-compile", "layer-s4d-compile", "step-hope-compile", "step-s4d-compile"] * compile
+    return {"kernel": ["kernel-hope-n64", "kernel-hope-n128", "kernel-G2L-n64", "kernel-G2L-n128", "kernel-literal-n64",
+                       "kernel-literal-n128", "kernel-s4d-n64"],
+            "layer": ["layer-hope", "layer-s4d"] + compiled[:2],
+            "recurrent": [f"recurrent-{T}-hope", f"recurrent-{T}-s4d", f"forward-{T}-hope", f"forward-{T}-s4d"],
+            "step": ["step-hope-fp32", "step-s4d-fp32", "step-hope-bf16", "step-s4d-bf16"] + compiled[2:]}
+
+
+def ratios(rows, size, compile):
+    """{label: rows[a][field] / rows[b][field]}: the comparisons the README quotes."""
+    T = size["T"]
+    pairs = [("exact/G2L time, n=64", "kernel-hope-n64", "kernel-G2L-n64", "ms"),
+             ("exact/G2L time, n=128", "kernel-hope-n128", "kernel-G2L-n128", "ms"),
+             ("exact/G2L memory, n=128", "kernel-hope-n128", "kernel-G2L-n128", "peak_mib"),
+             ("literal/fast time, n=64", "kernel-literal-n64", "kernel-hope-n64", "ms"),
+             ("literal/fast memory, n=64", "kernel-literal-n64", "kernel-hope-n64", "peak_mib"),
+             ("literal/fast time, n=128", "kernel-literal-n128", "kernel-hope-n128", "ms"),
+             ("literal/fast memory, n=128", "kernel-literal-n128", "kernel-hope-n128", "peak_mib"),
+             ("HOPE/S4D kernel time (n=N=64)", "kernel-hope-n64", "kernel-s4d-n64", "ms"),
+             ("HOPE/S4D layer time", "layer-hope", "layer-s4d", "ms"),
+             ("HOPE/S4D layer launches", "layer-hope", "layer-s4d", "launches"),
+             ("HOPE/S4D kernel launches", "kernel-hope-n64", "kernel-s4d-n64", "launches"),
+             ("HOPE/S4D step() launches", f"recurrent-{T}-hope", f"recurrent-{T}-s4d", "launches"),
+             (f"{T} step() / forward, HOPE", f"recurrent-{T}-hope", f"forward-{T}-hope", "ms"),
+             (f"{T} step() / forward, S4D", f"recurrent-{T}-s4d", f"forward-{T}-s4d", "ms"),
+             ("HOPE/S4D step time, fp32", "step-hope-fp32", "step-s4d-fp32", "ms"),
+             ("HOPE/S4D step time, bf16", "step-hope-bf16", "step-s4d-bf16", "ms"),
+             ("bf16/fp32 step time, HOPE", "step-hope-bf16", "step-hope-fp32", "ms")]
+    pairs += [("compile/eager layer time, HOPE", "layer-hope-compile", "layer-hope", "ms"),
+              ("compile/eager layer time, S4D", "layer-s4d-compile", "layer-s4d", "ms"),
+              ("compile/eager step time, HOPE", "step-hope-compile", "step-hope-fp32", "ms"),
+              ("compile/eager step time, S4D", "step-s4d-compile", "step-s4d-fp32", "ms"),
+              ("HOPE/S4D step time, compile", "step-hope-compile", "step-s4d-compile", "ms")] * compile
+    # a tiny run may touch no new page (a peak of 0 MiB): that ratio is None, not a crash
+    return {label: rows[a][field] / rows[b][field] if rows[b][field] else None for label, a, b, field in pairs}
 
 
 def cpu_model():
@@ -164,10 +213,10 @@ def time_ms(fns, device, warmup, reps):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def peak_mb(name, device, batch):
+def peak_mb(name, device, batch, size_name):
     """Peak memory of one run above what was allocated before it, in MiB."""
     if device.type == "cuda":
-        fn = case(name, device, batch)
+        fn = case(name, device, batch, SIZES[size_name])
         fn()
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -176,14 +225,14 @@ def peak_mb(name, device, batch):
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, __file__, "--child", name, "--batch", str(batch)], env=env,
+    out = subprocess.run([sys.executable, __file__, "--child", name, "--batch", str(batch), "--size", size_name], env=env,
                          capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def child(name, batch):
+def child(name, batch, size):
     """Runs in a fresh process: after a warm-up run, the peak resident set of one run above the size before it."""
-    fn = case(name, torch.device("cpu"), batch)
+    fn = case(name, torch.device("cpu"), batch, size)
     fn()  # one-time allocations (FFT plans, thread pools) are not part of a step's peak
 
     def status_kib(field):
@@ -196,17 +245,24 @@ def child(name, batch):
     print((status_kib("VmHWM") - base) / 1024)
 
 
-def main():
+def build_parser():
     p = argparse.ArgumentParser(description="HOPE vs S4D timings on the current device")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=None, help="batch for the layer and step rows (default: 64 on CUDA, 8 on CPU)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per figure (default: 20 on CUDA, 9 on CPU)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--compile", action="store_true", help="add torch.compile rows for the layers and the training step (slow to compile)")
+    p.add_argument("--size", choices=sorted(SIZES), default="paper", help="paper: the figures the README quotes; tiny: "
+                   "every row in seconds, to check that the script runs (its figures mean nothing)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    size = SIZES[args.size]
     if args.child:
-        return child(args.child, args.batch)
+        return child(args.child, args.batch, size)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     batch = args.batch or (64 if cuda else 8)
@@ -215,24 +271,17 @@ def main():
     print(f"device: {name}; torch {torch.__version__}; float32 weights, FFTs in float32; TF32 matmuls "
           f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'} (PyTorch's default, as train_scifar.py); "
           f"bf16 rows: autocast for the dense parts; median of {reps} runs after warm-up")
-    print(f"kernel rows: H = {H}, L = {L}; layer and step rows: batch {batch}, L = {L}, d_model {H}"
+    H, L = size["H"], size["L"]
+    print(f"size {args.size}: kernel rows: H = {H}, L = {L}; layer and step rows: batch {batch}, L = {L}, d_model {H}"
           f"{'' if batch == 64 else ' (the paper trains at batch 64; smaller here to fit a CPU session)'}\n")
-    rows = {}
-    compiled = ["layer-hope-compile", "layer-s4d-compile", "step-hope-compile", "step-s4d-compile"] if args.compile else []
-    groups = {  # each group timed round-robin
-        "kernel": ["kernel-hope-n64", "kernel-hope-n128", "kernel-G2L-n64", "kernel-G2L-n128", "kernel-literal-n64",
-                   "kernel-literal-n128", "kernel-s4d-n64"],
-        "layer": ["layer-hope", "layer-s4d"] + compiled[:2],
-        "recurrent": ["recurrent-1000-hope", "recurrent-1000-s4d", "forward-1000-hope", "forward-1000-s4d"],
-        "step": ["step-hope-fp32", "step-s4d-fp32", "step-hope-bf16", "step-s4d-bf16"] + compiled[2:]}
-    names = [name for group in groups.values() for name in group]
+    groups = row_names(size, args.compile)
     print(f"{'case':28s} {'ms':>10s} {'launches':>9s} {'peak MiB':>10s} {'samples/s':>10s} {'s/epoch (45k)':>14s}")
-    ms = {}
+    ms, rows = {}, {}
     for group in groups.values():
-        ms.update(time_ms({name: case(name, device, batch) for name in group}, device, 2 if not cuda else 5, reps))
-    for case_name in names:
-        mb = peak_mb(case_name, device, batch)
-        count = None if case_name in compiled else launches(case(case_name, device, batch))
+        ms.update(time_ms({name: case(name, device, batch, size) for name in group}, device, 2 if not cuda else 5, reps))
+    for case_name in ms:
+        mb = peak_mb(case_name, device, batch, args.size)
+        count = None if case_name.endswith("-compile") else launches(case(case_name, device, batch, size))
         row = {"ms": ms[case_name], "launches": count, "peak_mib": mb}
         extra = ""
         if case_name.startswith("step"):
@@ -241,38 +290,14 @@ def main():
             extra = f"{row['samples_per_s']:10.0f} {row['epoch_s']:14.1f}"
         rows[case_name] = row
         print(f"{case_name:28s} {row['ms']:10.2f} {'-' if count is None else count:>9} {mb:10.1f} {extra}", flush=True)
-    ratios = {
-        "exact/G2L time, n=64": rows["kernel-hope-n64"]["ms"] / rows["kernel-G2L-n64"]["ms"],
-        "exact/G2L time, n=128": rows["kernel-hope-n128"]["ms"] / rows["kernel-G2L-n128"]["ms"],
-        "exact/G2L memory, n=128": rows["kernel-hope-n128"]["peak_mib"] / rows["kernel-G2L-n128"]["peak_mib"],
-        "literal/fast time, n=64": rows["kernel-literal-n64"]["ms"] / rows["kernel-hope-n64"]["ms"],
-        "literal/fast memory, n=64": rows["kernel-literal-n64"]["peak_mib"] / rows["kernel-hope-n64"]["peak_mib"],
-        "literal/fast time, n=128": rows["kernel-literal-n128"]["ms"] / rows["kernel-hope-n128"]["ms"],
-        "literal/fast memory, n=128": rows["kernel-literal-n128"]["peak_mib"] / rows["kernel-hope-n128"]["peak_mib"],
-        "HOPE/S4D kernel time (n=N=64)": rows["kernel-hope-n64"]["ms"] / rows["kernel-s4d-n64"]["ms"],
-        "HOPE/S4D layer time": rows["layer-hope"]["ms"] / rows["layer-s4d"]["ms"],
-        "HOPE/S4D layer launches": rows["layer-hope"]["launches"] / rows["layer-s4d"]["launches"],
-        "HOPE/S4D kernel launches": rows["kernel-hope-n64"]["launches"] / rows["kernel-s4d-n64"]["launches"],
-        "HOPE/S4D step() launches": rows["recurrent-1000-hope"]["launches"] / rows["recurrent-1000-s4d"]["launches"],
-        "1000 step() / forward, HOPE": rows["recurrent-1000-hope"]["ms"] / rows["forward-1000-hope"]["ms"],
-        "1000 step() / forward, S4D": rows["recurrent-1000-s4d"]["ms"] / rows["forward-1000-s4d"]["ms"],
-        "HOPE/S4D step time, fp32": rows["step-hope-fp32"]["ms"] / rows["step-s4d-fp32"]["ms"],
-        "HOPE/S4D step time, bf16": rows["step-hope-bf16"]["ms"] / rows["step-s4d-bf16"]["ms"],
-        "bf16/fp32 step time, HOPE": rows["step-hope-bf16"]["ms"] / rows["step-hope-fp32"]["ms"],
-    }
-    if args.compile:
-        ratios["compile/eager layer time, HOPE"] = rows["layer-hope-compile"]["ms"] / rows["layer-hope"]["ms"]
-        ratios["compile/eager layer time, S4D"] = rows["layer-s4d-compile"]["ms"] / rows["layer-s4d"]["ms"]
-        ratios["compile/eager step time, HOPE"] = rows["step-hope-compile"]["ms"] / rows["step-hope-fp32"]["ms"]
-        ratios["compile/eager step time, S4D"] = rows["step-s4d-compile"]["ms"] / rows["step-s4d-fp32"]["ms"]
-        ratios["HOPE/S4D step time, compile"] = rows["step-hope-compile"]["ms"] / rows["step-s4d-compile"]["ms"]
+    quotients = ratios(rows, size, args.compile)
     print("\nratios")
-    for k, v in ratios.items():
-        print(f"  {k:32s} {v:6.2f}")
+    for k, v in quotients.items():
+        print(f"  {k:32s} {'-' if v is None else f'{v:6.2f}':>6s}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "batch": batch, "reps": reps,
-                       "rows": rows, "ratios": ratios}, f, indent=1)
+            json.dump({"device": name, "torch": torch.__version__, "size": args.size, "batch": batch, "reps": reps,
+                       "rows": rows, "ratios": quotients}, f, indent=1)
 
 
 if __name__ == "__main__":
