@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import shlex
 import shutil
 import signal
 import struct
@@ -441,10 +442,31 @@ def test_max_steps_counts_the_runs_steps(tmp_path, capsys):
     write_fashion_mnist(str(tmp_path / "data"))
     assert ts.main(small_args(tmp_path, "--max-steps", "3"))["global_step"] == 3
     out = capsys.readouterr().out
-    assert "stopped at step 3; saved" in out and "continue with --resume" in out
+    assert "stopped at step 3; saved" in out and "continue with: python" in out
     assert ts.main(small_args(tmp_path, "--resume", "--max-steps", "6"))["global_step"] == 6
     refused(capsys, small_args(tmp_path, "--resume", "--max-steps", "5"), "--max-steps 5", "at step 6")
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state"]["global_step"] == 6
+
+
+def test_the_printed_resume_command_continues_the_run(tmp_path, monkeypatch, capsys):
+    """A stopped run prints the whole command that continues it. Run as printed, from the folder the run was started
+    in, it ends as the uninterrupted run does: a Fashion-MNIST run with its own data folder and the default --out (a
+    bare --resume would look in runs/hope-cifar10-s0), and --amp bf16, which a resume takes from its own flags."""
+    write_fashion_mnist(str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    flags = small_args(tmp_path, "--amp", "bf16", "--data-dir", "data")
+    flags = [f for i, f in enumerate(flags) if "--out" not in flags[i - 1:i + 1]]
+    full = ts.main(flags + ["--out", "uninterrupted"])
+    capsys.readouterr()
+    ts.main(flags + ["--max-steps", "4"])  # the end of epoch 1: the stop after an evaluated epoch
+    command = shlex.split(capsys.readouterr().out.split("continue with: ")[1].splitlines()[0])
+    assert command[:2] == ["python", os.path.relpath(ts.__file__)]
+    run = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "finished 2 epochs" in run.stdout, run.stdout + run.stderr
+    resumed = torch.load(tmp_path / "runs" / "hope-fashion-mnist-s0" / "last.pt", weights_only=True)
+    assert resumed["state"]["history"] == [dict(r, seconds=s["seconds"]) for r, s in zip(full["history"], resumed["state"]["history"])]
+    a = torch.load(tmp_path / "uninterrupted" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], resumed["model"][k]) for k in a)
 
 
 def test_warmup_then_cosine(tmp_path):
@@ -632,7 +654,7 @@ def test_sigterm_saves_like_ctrl_c_and_a_second_signal_aborts(tmp_path, signals)
                          text=True, cwd=os.path.dirname(os.path.abspath(ts.__file__)), timeout=300)
     if signals == 1:
         assert out.returncode == 0, out.stderr
-        assert "SIGTERM: stopping after this training step" in out.stdout and "continue with --resume" in out.stdout
+        assert "SIGTERM: stopping after this training step" in out.stdout and "continue with: python" in out.stdout
         assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state"]["global_step"] == 3
     else:
         assert out.returncode == -signal.SIGTERM and not (tmp_path / "run" / "last.pt").exists()

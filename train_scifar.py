@@ -6,19 +6,17 @@
     python train_scifar.py --preset lra-image           # the authors' LRA Image recipe (bidirectional)
 
 Each image becomes a sequence of pixels (1024 x 3 for CIFAR-10), normalized per channel, followed by as many
-steps of uniform [0, 1) noise, drawn afresh whenever a training sample is used (validation and test noise is
-drawn once). A linear encoder lifts each step to d_model channels; n_layers residual blocks apply an SSM layer,
-dropout, the residual sum and a LayerNorm (post-norm); the classifier mean-pools over the noise positions only,
-so the model must carry the image through the noise, and a linear decoder gives the 10 logits. AdamW with a
-cosine schedule trains it. The whole dataset lives on the device as uint8 and batches are built there.
-Everything a run writes goes to --out: config.json, metrics.jsonl, last.pt, best.pt. The data's files and
-formats are in data.py.
+steps of uniform [0, 1) noise (fresh at every training use, drawn once for validation and test). The classifier
+pools over the noise positions only, so the model must carry the image through the noise. The whole dataset lives
+on the device as uint8 and batches are built there. A run writes config.json, metrics.jsonl, last.pt and best.pt
+to --out; data.py holds the data's files and formats.
 """
 import argparse
 import functools
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -284,6 +282,13 @@ def code_version():
     return commit.stdout.strip() + ("+dirty" if dirty else "")
 
 
+def resume_command(parser, args):
+    """The whole command that continues the run in --out: --resume reads the run's settings there, except --device, --amp
+    and --compile, which come from its own flags (so this session's are repeated where they are not the defaults)."""
+    own = [s for k in ("device", "amp") if getattr(args, k) != parser.get_default(k) for s in (f"--{k}", getattr(args, k))]
+    return shlex.join(["python", os.path.relpath(__file__), "--resume", "--out", args.out, *own] + ["--compile"] * args.compile)
+
+
 def resolve(parser, args, given):
     """Checks every flag; on --resume, the run folder's config with the flags that may change. -> (config, ckpt)."""
     other_models = set().union(*MODEL_FLAGS.values()) - MODEL_FLAGS[args.model]
@@ -310,7 +315,7 @@ def resolve(parser, args, given):
     last = os.path.join(args.out, "last.pt")
     if not args.resume:
         if os.path.exists(last) or os.path.exists(os.path.join(args.out, "best.pt")):
-            parser.error(f"{args.out} holds an earlier run: continue it with --resume, or choose another --out")
+            parser.error(f"{args.out} holds an earlier run: continue it with {resume_command(parser, args)}, or choose another --out")
         return dict(vars(args), data_dir_explicit="data_dir" in given), None
     if not os.path.exists(last):
         parser.error(f"--resume: no checkpoint at {last}")
@@ -425,10 +430,10 @@ def main(argv=None):
             t0, signaled = time.time(), lambda: stop["signal"] is not None
             val = trained and evaluate(model, *splits["val"], mean, std, args, autocast, signaled)
             test = val and evaluate(model, *splits["test"], mean, std, args, autocast, signaled)
-            if not test:
+            if not test:  # stopped; after a complete epoch, train_epoch returned at once (one stop path)
                 save_checkpoint(args, model, optimizer, perm_gen, state, device)
                 print(f"stopped at step {state['global_step']}{' (the epoch is evaluated on --resume)' if trained else ''}; "
-                      f"saved {args.out}/last.pt (continue with --resume)")
+                      f"saved {args.out}/last.pt; continue with: {resume_command(parser, args)}")
                 return state
             state["eval_seconds"] = time.time() - t0
             (loss_sum, correct), count = state["sums"], state["step"] * args.batch_size  # full batches only
@@ -445,9 +450,6 @@ def main(argv=None):
             print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
                   f"val loss {val[0]:.4f} acc {val[1]:.4f} | test loss {test[0]:.4f} acc {test[1]:.4f} | "
                   f"lr {row['lr']:.2e} | {row['seconds']:.1f}s")
-            if should_stop() and state["epoch"] < args.epochs:
-                print(f"stopped after epoch {row['epoch']}; saved {args.out}/last.pt (continue with --resume)")
-                return state
     finally:
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
