@@ -507,6 +507,26 @@ def test_evaluation_noise_is_fixed_and_independent_of_batch_size(tmp_path):
     assert torch.equal(splits["val"][2], splits2["val"][2]) and not torch.equal(splits["val"][2], splits["test"][2][:8])
 
 
+def test_evaluation_noise_is_drawn_from_seed_plus_1(tmp_path, monkeypatch):
+    """The noise the model sees in evaluation is the stream of torch.Generator().manual_seed(seed + 1), validation's
+    draw first, then test's (README section 5), and not the stream of the training seed."""
+    write_fashion_mnist(str(tmp_path / "data"))  # 8 validation and 12 test images of 784 pixels
+    seen, forward = [], ts.SequenceClassifier.forward
+
+    def recording_forward(self, x):
+        if not self.training:
+            seen.append(x[..., 784:].detach().clone())
+        return forward(self, x)
+    monkeypatch.setattr(ts.SequenceClassifier, "forward", recording_forward)
+    ts.main(small_args(tmp_path, "--seed", "3", "--epochs", "1"))
+
+    def stream(seed):
+        g = torch.Generator().manual_seed(seed)
+        return torch.cat([torch.rand(8, 1, 784, generator=g), torch.rand(12, 1, 784, generator=g)])
+    assert torch.equal(torch.cat(seen), stream(3 + 1))
+    assert not torch.equal(torch.cat(seen)[:8], stream(3)[:8])
+
+
 class Zero(torch.nn.Module):
     def forward(self, x):
         return torch.zeros_like(x)
