@@ -69,8 +69,12 @@ def download(url, path, md5, offline_hint=""):
                         f"{os.path.basename(path)} in {os.path.dirname(path) or '.'}/{offline_hint}") from None
     if hashlib.md5(data).hexdigest() != md5:
         raise DataError(f"download of {url} has the wrong MD5 (expected {md5}); nothing was saved, run again")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_write(path, lambda f: f.write(data))
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        atomic_write(path, lambda f: f.write(data))
+    except OSError as e:  # e.g. a package's folder, read-only for users
+        raise DataError(f"could not save the download to {path} ({e}); choose a --data-dir you can write"
+                        f"{offline_hint}") from None
 
 
 class _NumpyArray:
@@ -113,7 +117,10 @@ def load_cifar10(data_dir, md5=CIFAR_MD5):
     and test, and the list of files read."""
     path = os.path.join(data_dir, os.path.basename(CIFAR_URL))
     if not os.path.exists(path):
-        download(CIFAR_URL, path, md5, offline_hint="; or train offline on Fashion-MNIST with --dataset fashion-mnist")
+        fmnist = any(os.path.exists(os.path.join(data_dir, name)) for name in FMNIST_FILES)
+        hint = (f". {data_dir} holds Fashion-MNIST's IDX files, not CIFAR-10: to train on them, add --dataset fashion-mnist"
+                if fmnist else "; or train offline on Fashion-MNIST with --dataset fashion-mnist")
+        download(CIFAR_URL, path, md5, offline_hint=hint)
     if md5sum(path) != md5:
         raise DataError(f"{path} has the wrong MD5 (expected {md5}): it is corrupt or incomplete. "
                         "Delete it and run again to download it afresh.")

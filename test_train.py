@@ -392,6 +392,24 @@ def test_cifar_offline_names_the_offline_dataset_and_leaves_no_folder(tmp_path, 
     assert os.listdir(tmp_path) == []  # no ./data, no run folder
 
 
+def test_a_fashion_mnist_folder_without_dataset_names_fashion_mnist(tmp_path, monkeypatch, capsys):
+    """--data-dir at a folder of Fashion-MNIST's IDX files (as Debian's) without --dataset looks for CIFAR-10 there: the
+    error says what the folder holds and names --dataset fashion-mnist, offline and when the download cannot be saved
+    (as in a package's read-only folder)."""
+    folder = tmp_path / "fashion-mnist"
+    write_fashion_mnist(str(folder))
+    offline(monkeypatch)
+    refused(capsys, ["--data-dir", str(folder), "--device", "cpu", "--out", str(tmp_path / "run")],
+            f"{folder} holds Fashion-MNIST's IDX files", "add --dataset fashion-mnist", data.CIFAR_URL)
+    path, _ = write_cifar(monkeypatch, str(tmp_path / "src"))
+    blob = open(path, "rb").read()
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(blob))
+    monkeypatch.setattr(data, "atomic_write", lambda *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    with pytest.raises(data.DataError, match="Permission denied.*choose a --data-dir you can write.*--dataset fashion-mnist"):
+        data.load_cifar10(str(folder), md5=data.md5sum(path))
+    assert sorted(os.listdir(folder)) == sorted(data.FMNIST_FILES) and not (tmp_path / "run").exists()
+
+
 def test_explicit_data_dir_never_falls_back(tmp_path, monkeypatch, capsys):
     """An explicit --data-dir is the only place read; if Debian's package is installed, the error points to it."""
     monkeypatch.setattr(data, "FMNIST_DEBIAN_DIR", str(tmp_path / "debian"))
