@@ -410,6 +410,19 @@ def test_a_fashion_mnist_folder_without_dataset_names_fashion_mnist(tmp_path, mo
     assert sorted(os.listdir(folder)) == sorted(data.FMNIST_FILES) and not (tmp_path / "run").exists()
 
 
+def test_figures_without_matplotlib_prints_the_table_and_exits_0(tmp_path):
+    """The table is figures.py's result, the PNGs an extra: without matplotlib (its import made to fail) the table is
+    printed, a note says the PNGs need matplotlib, the exit status is 0, and nothing is written; from any folder."""
+    import figures
+    here = os.path.dirname(os.path.abspath(ts.__file__))
+    code = "import runpy, sys; sys.modules['matplotlib'] = None; runpy.run_path(sys.argv[1], run_name='__main__')"
+    run = subprocess.run([sys.executable, "-c", code, os.path.join(here, "figures.py")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == figures.table(figures.load_runs(os.path.join(here, "results"))) and "| 0.1, fixed |" in run.stdout
+    assert "the PNGs need matplotlib (pip install matplotlib)" in run.stderr and os.listdir(tmp_path) == []
+
+
 def test_explicit_data_dir_never_falls_back(tmp_path, monkeypatch, capsys):
     """An explicit --data-dir is the only place read; if Debian's package is installed, the error points to it."""
     monkeypatch.setattr(data, "FMNIST_DEBIAN_DIR", str(tmp_path / "debian"))
