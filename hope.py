@@ -84,17 +84,17 @@ def naive_transfer(h, dt, nfft):
 
 
 # A cascade is also a recurrence. Read z^-1 as a one-step delay and b^m u as u passed through m sections: the state
-# s_m = (b^m u)[t - 1], m = 0..n, holds the last input (m = 0) and each section's last output. b's definition,
+# x_m = (b^m u)[t - 1], m = 0..n, holds the last input (m = 0) and each section's last output. b's definition,
 # (1 - a z^-1) b^m u = (z^-1 - a) b^(m-1) u, says at time t (primes: the new state)
-#     s'_m = a s_m + s_(m-1) - a s'_(m-1),   s'_0 = u[t],   and the output is y[t] = sum_i h_i s'_(i+1).
+#     x'_m = a x_m + x_(m-1) - a x'_(m-1),   x'_0 = u[t],   and the output is y[t] = sum_i h_i x'_(i+1).
 # Each section needs the new output of the one before: n dependent updates. For all m at once they read
-# (I + a S) s' = v, with S the down-shift and v = [u[t], s_(m-1) + a s_m]; the inverse of I + a S is the
-# lower-triangular Toeplitz matrix T[i, j] = (-a)^(i-j), so a step is one batched matrix product s' = T v.
+# (I + a S) x' = v, with S the down-shift and v = [u[t], x_(m-1) + a x_m]; the inverse of I + a S is the
+# lower-triangular Toeplitz matrix T[i, j] = (-a)^(i-j), so a step is one batched matrix product x' = T v.
 
-def cascade_step(u_t, s, a):
-    """One step of the all-pass cascade: u_t (..., H), state s (..., H, n + 1), a (H, 1) -> the new state s'."""
-    n1 = s.shape[-1]
-    v = torch.cat([u_t[..., None], torch.addcmul(s[..., :-1], a, s[..., 1:])], -1)  # (..., H, n + 1)
+def cascade_step(u_t, x, a):
+    """One step of the all-pass cascade: u_t (..., H), state x (..., H, n + 1), a (H, 1) -> the new state x'."""
+    n1 = x.shape[-1]
+    v = torch.cat([u_t[..., None], torch.addcmul(x[..., :-1], a, x[..., 1:])], -1)  # (..., H, n + 1)
     p = torch.pow(-a, torch.arange(n1, device=a.device))  # (H, n + 1): (-a)^k
     # Windows of [0 (n times), p], reversed: T[i, j] = p[i - j] for i >= j, else 0 (a strided view, one copy)
     T = F.pad(p, (n1 - 1, 0)).unfold(-1, n1, 1).flip(-1)  # (H, n + 1, n + 1)
@@ -109,33 +109,42 @@ def cascade_step(u_t, s, a):
 def naive_kernel(h, dt, L):
     """k[0..L-1] (H, L), the cascade run on a unit impulse for L steps, and the state it ends in (H, n + 1)."""
     a = ((1 - dt) / (1 + dt))[:, None]  # (H, 1)
-    s, k = h.new_zeros(h.shape[0], h.shape[1] + 1), []
+    x, k = h.new_zeros(h.shape[0], h.shape[1] + 1), []
     for t in range(L):
-        s = cascade_step(h.new_full(h.shape[:1], float(t == 0)), s, a)  # (H, n + 1)
-        k.append((s[:, 1:] * h).sum(1))
-    return torch.stack(k, 1), s
+        x = cascade_step(h.new_full(h.shape[:1], float(t == 0)), x, a)  # (H, n + 1)
+        k.append((x[:, 1:] * h).sum(1))
+    return torch.stack(k, 1), x
 
 
 # The FFT route needs the spectrum at the 2L-th roots of unity z_k = exp(i pi k / L), but G there is the spectrum of
 # the response *folded* with period 2L, sum_m k[t + 2L m], and the memory n/dt often reaches far beyond 2L (n = 64,
 # dt = 1e-3: 64,000 steps). So split the response at L: G(z) = K_L(z) + z^-L R(z), with K_L = sum_{t<L} k[t] z^-t
 # (wanted) and the tail R = sum_t k[L + t] z^-t. At the nodes z_k^-L = (-1)^k: K_L(z_k) = G(z_k) - (-1)^k R(z_k).
-# The tail is the response to zero input from the state s that naive_kernel ends in, s_m = (b^m delta)[L - 1]. Let
-# R_m be the z-transform of section m's output from t = L on (R_0 = 0: no input). The recurrence over t >= L, whose
-# terms at t = L - 1 are the state, transforms to (1 - a z^-1) R_m - a s_m = (z^-1 - a) R_(m-1) + s_(m-1), so
-#     R_m = b R_(m-1) + (s_(m-1) + a s_m) / (1 - a z^-1),   and   1 / (1 - a z^-1) = (1 + a b) / (1 - a^2).
-# Unrolled, R_(i+1) = (1 + a b) sum_{j<=i} Q_(i-j) b^j with Q_k = (s_k + a s_(k+1)) / (1 - a^2); weighted by h,
-#     R = sum_i h_i R_(i+1) = (1 + a b) sum_j E_j b^j,   E_j = sum_{i>=j} h_i Q_(i-j),
-# a polynomial in b again: R = sum_{j=0..n} q_j b^j, q_j = E_j + a E_(j-1) (E_(-1) = E_n = 0). So K_L at the nodes
-# is the same all-pass sum as G, with coefficients [0, h] - (-1)^k q.
+# The tail is the response to zero input from the state x that naive_kernel ends in. Let R_m be the z-transform of
+# section m's output from any state x under zero input (R_0 = 0). The recurrence, whose terms at t = -1 are the
+# state, transforms to (1 - a z^-1) R_m - a x_m = (z^-1 - a) R_(m-1) + x_(m-1), so with v_j = x_j + a x_(j+1),
+#     R_m = b R_(m-1) + v_(m-1) / (1 - a z^-1),   and   1 / (1 - a z^-1) = (1 + a b) / (1 - a^2).
+# Unrolled, R_(i+1) = (1 + a b) sum_{j<=i} p_(i-j) b^j with p = v / (1 - a^2); weighted by h,
+#     R = sum_i h_i R_(i+1) = (1 + a b) sum_j E_j b^j,   E_j = sum_{i>=j} h_i p_(i-j) = sum_k h_(j+k) p_k,
+# so E = Hank(h) p: the paper's Hankel matrix maps the state to the future output. R is a polynomial in b again,
+# R = sum_{j=0..n} q_j b^j with q_j = E_j + a E_(j-1) (E_(-1) = E_n = 0). So K_L at the nodes is the same all-pass
+# sum as G, with coefficients [0, h] - (-1)^k q.
+
+def hankel(h):
+    """The n-by-n Hankel matrices [h_(i+j)] (0 for i + j >= n) of h (H, n): (H, n, n), a view of the padded h."""
+    return F.pad(h, (0, h.shape[1] - 1)).unfold(-1, h.shape[1], 1)
+
+
+def free_response(h, a, x):
+    """q (..., H, n + 1): the output from state x (..., H, n + 1) under zero input is sum_j q_j b^j; a (H, 1)."""
+    p = torch.addcmul(x[..., :-1], a, x[..., 1:]) / (1 - a * a)  # (..., H, n)
+    E = torch.einsum("hjk,...hk->...hj", hankel(h), p)  # (..., H, n)
+    return F.pad(E, (0, 1)) + a * F.pad(E, (1, 0))  # q_j = E_j + a E_(j-1), j = 0..n
+
 
 def naive_tail(h, dt, L):
     """q (H, n + 1): the tail R = sum_t k[L + t] z^-t = sum_j q_j b^j, from the state after L simulated steps."""
-    n, a = h.shape[1], ((1 - dt) / (1 + dt))[:, None]  # (H, 1)
-    s = naive_kernel(h, dt, L)[1]  # (H, n + 1)
-    Q = (s[:, :-1] + a * s[:, 1:]) / (1 - a * a)  # (H, n)
-    E = torch.stack([(h[:, j:] * Q[:, :n - j]).sum(1) for j in range(n)], 1)  # (H, n)
-    return F.pad(E, (0, 1)) + a * F.pad(E, (1, 0))  # q_j = E_j + a E_(j-1), j = 0..n
+    return free_response(h, ((1 - dt) / (1 + dt))[:, None], naive_kernel(h, dt, L)[1])
 
 
 def naive_kernel_spectrum(h, dt, L):
@@ -144,46 +153,61 @@ def naive_kernel_spectrum(h, dt, L):
     return naive_transfer(h, dt, 2 * L) - sign * allpass_sum(naive_tail(h, dt, L), allpass(dt, 2 * L))
 
 
-# The tail without simulating L steps. s_m is the coefficient of z^-(L-1) in b(z)^m, so S(x) = sum_m s_m x^m is that
-# coefficient in 1 / (1 - x b(z)) = (1 - a z^-1) / ((1 + a x)(1 - w z^-1)), w = (a + x) / (1 + a x): a geometric
-# series, giving S(x) = (w^(L-1) - a w^(L-2)) / (1 + a x) = (1 - a^2) x w^(L-2) / (1 + a x)^2 for L >= 2 (s_0 = 0)
-# and S = 1 / (1 + a x) for L = 1 (s_0 = 1). In both cases sum_k (s_k + a s_(k+1)) x^k = (1 - a^2) Q(x) with
-#     Q(x) = (a + x)^(L-1) / (1 + a x)^L.
-# Then E_j = sum_{i>=j} h_i Q_(i-j) is the coefficient of x^-j in hhat(x) Q(x), hhat(x) = sum_i h_i x^-i: a Laurent
-# series on the ring 0 < |x| < 1/|a|, whose coefficients are Cauchy integrals over any circle |x| = rho inside it.
-# The trapezoid rule on M equispaced points of the circle computes them all with one FFT, exactly up to aliasing:
-# each coefficient gains those M apart, times rho^M. Q's coefficients are only bounded (|Q_k| <= 1 / (1 - |a|), as
-# |s_k| <= 1 for all-pass sections), not small, so the circle lies inside the unit disk: rho < 1, aliases * rho^M.
+# The tail without simulating L steps. x_m is the coefficient of z^-(L-1) in b(z)^m, so X(zeta) = sum_m x_m zeta^m is
+# that coefficient in 1 / (1 - zeta b(z)) = (1 - a z^-1) / ((1 + a zeta)(1 - w z^-1)), w = (a + zeta) / (1 + a zeta):
+# a geometric series in w z^-1, giving X = (w^(L-1) - a w^(L-2)) / (1 + a zeta) = (1 - a^2) zeta w^(L-2) / (1 + a zeta)^2
+# for L >= 2 (x_0 = 0: the impulse has passed) and X = 1 / (1 + a zeta) for L = 1 (x_0 = 1: it is the last input).
+# The shift identity sum_k (x_k + a x_(k+1)) zeta^k = ((a + zeta) X - a x_0) / zeta then gives, in both cases,
+#     sum_k v_k zeta^k = (1 - a^2) Q(zeta),   Q(zeta) = (a + zeta)^(L-1) / (1 + a zeta)^L,
+# so p = v / (1 - a^2) holds Q's power-series coefficients Q_k. E_j = sum_{i>=j} h_i Q_(i-j) is the coefficient of
+# zeta^-j in hhat(zeta) Q(zeta), hhat(zeta) = sum_i h_i zeta^-i: a Laurent series on the ring 0 < |zeta| < 1/|a|, whose
+# coefficients are Cauchy integrals over any circle |zeta| = rho inside it. The trapezoid rule on M equispaced points
+# computes them all with one FFT, exactly up to aliasing: each coefficient gains those M apart, times rho^M. Q's
+# coefficients are only bounded (|Q_k| <= 1 / (1 - |a|), as |x_k| <= 1 for all-pass sections), not small, so the
+# circle lies inside the unit disk: rho < 1, aliases * rho^M.
+
+def _circle(a, L, n):
+    """Q(zeta) at zeta_l = rho exp(2 pi i l / M), l = 0..M/2 (the rest are conjugates), a (H, 1) float64 -> Q (H, M/2 + 1)
+    and what the adjoint needs: zeta, 1 + a zeta, w^(L-2) and rho^i (i < n). M = 8n, rho = 10^(-2/n): aliases
+    rho^M = 1e-16; dividing by rho^i magnifies round-off by at most rho^-n = 100, hence float64."""
+    M, rho = 8 * n, 10 ** (-2 / n)
+    l = torch.arange(M // 2 + 1, dtype=torch.float64, device=a.device)
+    zeta = torch.polar(torch.full_like(l, rho), l * (2 * math.pi / M))  # (M/2 + 1,)
+    az = a * zeta + 1  # (H, M/2 + 1)
+    w = (a + zeta) / az
+    wN = torch.polar(w.abs() ** max(L - 2, 0), w.angle() * max(L - 2, 0))  # w^(L-2) (w may be 0); no complex pow: slow
+    Q = (wN * w if L > 1 else 1) / az  # w^(L-1) / (1 + a zeta)
+    return Q, (zeta, az, wN, rho ** l[:n])
+
+
+def _series_mul(f, Q, scale):
+    """The first n coefficients of F(zeta) Q(zeta), F = sum_i f_i zeta^i, from f_i rho^i (..., n) float64. F at the
+    points is conj(rfft(f_i rho^i)) and irfft's exponent has the + sign, hence the conjugates; then divide by rho^i."""
+    M = 2 * (Q.shape[-1] - 1)
+    return torch.fft.irfft(torch.fft.rfft(f, n=M) * Q.conj(), n=M)[..., :scale.shape[0]] / scale
+
 
 def _tail_series(h, a, L, length):
     """The fast twin of naive_tail's E: [0, E, 0 ..] (H, length + 1), and what the adjoint needs; a (H, 1) float64.
-    M = 8n, rho = 10^(-2/n): aliases rho^M = 1e-16; sampling hhat at |x| = rho (h_i / rho^i) magnifies round-off by at
-    most rho^-n = 100, hence float64. irfft's exponent has the + sign, so its entry j is the coefficient of x^-j."""
+    hhat at the points is rfft(h_i / rho^i), and irfft's + sign makes its entry j the coefficient of zeta^-j."""
     n = h.shape[1]
-    M, rho = 8 * n, 10 ** (-2 / n)
-    k = torch.arange(M // 2 + 1, dtype=torch.float64, device=h.device)
-    scale = rho ** k[:n]  # rho^i
-    x = torch.polar(torch.full_like(k, rho), k * (2 * math.pi / M))  # rho exp(2 pi i k / M)
-    ax = a * x + 1  # (H, M/2 + 1)
-    w = (a + x) / ax
-    wN = torch.polar(w.abs() ** max(L - 2, 0), w.angle() * max(L - 2, 0))  # w^(L-2) (w may be 0); no complex pow: slow
-    Q = (wN * w if L > 1 else 1) / ax  # w^(L-1) / (1 + a x)
-    hhat = torch.fft.rfft(h.double() / scale, n=M)  # hhat at the points x: sum_i h_i x^-i
-    E = torch.fft.irfft(hhat * Q, n=M)[:, :n] * scale  # (H, n)
-    return F.pad(E.to(h.dtype), (1, length - n)), (L, x, ax, wN, Q, hhat, scale)  # [0, E, 0 ..]
+    Q, circle = _circle(a, L, n)
+    hhat = torch.fft.rfft(h.double() / circle[-1], n=8 * n)  # hhat at the points: sum_i h_i zeta^-i
+    E = torch.fft.irfft(hhat * Q, n=8 * n)[:, :n] * circle[-1]  # (H, n)
+    return F.pad(E.to(h.dtype), (1, length - n)), (L, Q, hhat, *circle)  # [0, E, 0 ..]
 
 
-def _tail_series_adjoint(dE, L, x, ax, wN, Q, hhat, scale, with_da):
-    """dh (H, n) and da (H,) (None unless with_da) of sum_j dE_j E_j. h -> E is a product with Q on the circle, so its
-    adjoint is the product with conj(Q); da pairs dE with the E that dQ/da gives, pointwise on the circle:
-        dQ/da = w^(L-2) (L (1 - x^2) - (1 + a x)) / (1 + a x)^3    (L >= 2),    -x / (1 + a x)^2   (L = 1)."""
-    n, M = scale.shape[0], 2 * (x.shape[0] - 1)
-    u = dE[:, :n].double() * scale  # (H, n)
-    dh = torch.fft.irfft(torch.fft.rfft(u, n=M) * Q.conj(), n=M)[:, :n] / scale  # (H, n)
+def _tail_series_adjoint(dE, L, Q, hhat, zeta, az, wN, scale, with_da):
+    """dh (H, n) and da (H,) (None unless with_da) of sum_j dE_j E_j. h -> E is a correlation with Q's coefficients, so
+    its adjoint is the product of series dh(zeta) = dE(zeta) Q(zeta); da pairs dE with the E that dQ/da gives:
+        dQ/da = w^(L-2) (L (1 - zeta^2) - (1 + a zeta)) / (1 + a zeta)^3  (L >= 2),  -zeta / (1 + a zeta)^2  (L = 1)."""
+    n, M = scale.shape[0], 2 * (Q.shape[1] - 1)
+    g = dE[:, :n].double() * scale  # (H, n)
+    dh = _series_mul(g, Q, scale)  # (H, n)
     if not with_da:
         return dh.to(dE.dtype), None
-    dQ = wN * (L * (1 - x * x) - ax) / (ax * ax * ax) if L > 1 else -x / (ax * ax)
-    da = (torch.fft.irfft(hhat * dQ, n=M)[:, :n] * u).sum(1)  # (H,)
+    dQ = wN * (L * (1 - zeta * zeta) - az) / (az * az * az) if L > 1 else -zeta / (az * az)
+    da = (torch.fft.irfft(hhat * dQ, n=M)[:, :n] * g).sum(1)  # (H,)
     return dh.to(dE.dtype), da.to(dE.dtype)
 
 
@@ -203,12 +227,10 @@ def _warp(log_dt, nfft, groups):
 
 
 def _angle_pairs(psi, dtype):
-    """(H, N, G) angles -> (H G, 1, N, 2), each angle twice, group by group: the layout _exp_i fills in place. The
-    free complex view round trip makes torch.compile store these angles instead of recomputing the warp per entry."""
+    """(H, N, G) angles -> (H G, 1, N, 2), each angle twice, group by group: the layout _exp_i fills in place."""
     H, N, G = psi.shape
     pairs = psi.transpose(1, 2)[..., None].expand(H, G, N, 2)  # (H, G, N, 2)
-    pairs = pairs.to(dtype, copy=True, memory_format=torch.contiguous_format)
-    return torch.view_as_real(torch.view_as_complex(pairs)).view(H * G, 1, N, 2)
+    return pairs.to(dtype, copy=True, memory_format=torch.contiguous_format).view(H * G, 1, N, 2)
 
 
 def _exp_i(base, step, count, offset):
@@ -218,58 +240,84 @@ def _exp_i(base, step, count, offset):
     return torch.view_as_complex(torch.addcmul(offset, base, s).sin_())  # (R, count, N, 2) -> (R, count, N)
 
 
+# Blocked powers: split m = c j + r (c ~ sqrt(n) powers per block, J blocks), so b^m = b^r beta^j with beta = b^c and
+# P = sum_m coef_m b^m = sum_r b^r U_r, U_r = sum_j coef_(cj+r) beta^j: one batched matmul, one product and one sum over
+# c + J tables of angles instead of n powers. Node groups: the exact kernel's coefficients differ on even and odd nodes
+# (g - q and g + q, section 3), so with G = 2 groups node k = G i + g is evaluated in group g with that group's
+# coefficients; the plain transfer function has G = 1. A GPU in eager PyTorch pays one kernel launch per operation:
+# these are a few dozen, whatever n and L.
+
+def _nodes(log_dt, nfft, groups, n, dtype):
+    """The angle tables shared by every all-pass sum at the rfft nodes of length nfft: (base, base_c, offset, c) for
+    _exp_i, and a (H, 1, 1) float64. Takes log dt; no autograd graph is needed through them (see _Spectrum)."""
+    c = math.isqrt(n + 1) + 1  # powers per block
+    psi, a64 = _warp(log_dt.double(), nfft, groups)  # (H, N, G), (H, 1, 1): float64
+    # beta^j = exp(-i c j psi): psi mod 2 pi / c in float64 first, or psi's float32 rounding grows c j times
+    base, base_c = _angle_pairs(psi, dtype), _angle_pairs(psi.remainder(2 * math.pi / c), dtype)
+    offset = F.pad(base.new_full((psi.shape[1], 1), math.pi / 2), (0, 1))  # (N, 2): [pi / 2, 0]
+    return (base, base_c, offset, c), a64
+
+
+def _allpass_sum(coef, nodes):
+    """P_k = sum_m coef_m b_k^m: coef (..., H, G, cJ) -> (..., H, G N) in node order, and the table b^r (H G, c, N)."""
+    (base, base_c, offset, c), (*batch, H, G, cJ) = nodes, coef.shape
+    N = base.shape[2]
+    # U first: the beta table is freed before b^r (kept for the backward) is made, so c + J tables at the peak
+    beta_j = torch.view_as_real(_exp_i(base_c, -c, cJ // c, offset)).view(H * G, cJ // c, 2 * N)  # (HG, J, 2N)
+    U = coef.view(*batch, H * G, cJ // c, c).mT @ beta_j  # (.., HG, c, J) @ (HG, J, 2N) -> (.., HG, c, 2N): Re, Im
+    del beta_j
+    b_r = _exp_i(base, -1, c, offset)  # (HG, c, N)
+    P = torch.view_as_complex(U.view(*batch, H * G, c, N, 2)).mul_(b_r).sum(-2)  # (..., HG, N)
+    return P.view(*batch, H, G, N).transpose(-1, -2).reshape(*batch, H, G * N), b_r  # node k = G i + g in order
+
+
+def _allpass_sum_T(X, b_r, nodes, cJ):
+    """_allpass_sum transposed: X (..., H, K) complex at the first K nodes -> Re sum_k X_k conj(b_k^m), (..., H, G, cJ).
+    T = X conj(beta^j) (remade, not kept: the forward's peak stays c + J tables), then one real matmul with b^r
+    pairs Re with Re and Im with Im: Re(T) Re(b^r) + Im(T) Im(b^r) = Re(T conj(b^r))."""
+    (_, base_c, offset, c), (HG, _, N), (*batch, H, K) = nodes, b_r.shape, X.shape
+    X = F.pad(X, (0, HG // H * N - K)).view(*batch, H, N, HG // H).transpose(-1, -2)  # (..., H, G, N): the groups
+    T = _exp_i(base_c, c, cJ // c, offset).view(H, HG // H, -1, N)  # (H, G, J, N)
+    T = T * X[..., None, :] if batch else T.mul_(X[..., None, :])  # (..., H, G, J, N); no batch: in place
+    T, b_r = torch.view_as_real(T).view(*batch, HG, -1, 2 * N), torch.view_as_real(b_r).view(HG, c, 2 * N)
+    return (T @ b_r.mT).view(*batch, H, HG // H, cJ)  # (.., HG, J, 2N) @ (HG, 2N, c) -> (.., H, G, cJ)
+
+
 class _Spectrum(torch.autograd.Function):
     """P_k = sum_m coef_m b_k^m at the rfft nodes of length nfft: the fast twin of naive_transfer (coef = [0, h],
-    nfft = L) and of naive_kernel_spectrum (coef = [0, h] -/+ q on even/odd nodes, nfft = 2L). Takes log dt. A GPU
-    in eager PyTorch pays one kernel launch per operation: this is a few dozen, whatever n and L.
+    G = 1, nfft = L) and of naive_kernel_spectrum (coef = [0, h] -/+ q on even/odd nodes, G = 2, nfft = 2L).
 
-    Blocked powers: split m = c j + r (c ~ sqrt(n) powers per block, J blocks), so b^m = b^r beta^j with beta = b^c
-    and P = sum_r b^r U_r, U_r = sum_j coef_(cj+r) beta^j: one batched matmul, one product and one sum over c + J
-    tables instead of n. Backward, for a real loss and PyTorch's convention dLoss/dx = Re(conj(grad) dP/dx): the
-    coefficients' gradient dcoef_m = Re sum_k conj(grad_k) b_k^m is the same evaluation transposed, dt's follows
-    from dcoef alone, and the tail adds its adjoint. No autograd graph inside.
+    Backward, with PyTorch's convention for complex outputs (grad = dLoss/dRe P + i dLoss/dIm P for a real loss; see
+    "Autograd for Complex Numbers" in PyTorch's autograd notes): a real coef_m's gradient is Re sum_k grad_k conj(b_k^m),
+    the same sum transposed (_allpass_sum_T); dt's follows from those alone, and the tail adds its adjoint. No autograd
+    graph inside.
     """
 
     @staticmethod
     def forward(ctx, h, log_dt, nfft, causal):
         with torch.autocast(h.device.type, enabled=False):  # autocast would run the real matmuls in bf16
             H, n = h.shape
-            G, c = 1 + causal, math.isqrt(n + 1) + 1  # G node groups, c powers per block
-            J = math.ceil((n + 2) / c)  # blocks for b^0 .. b^(n+1): one more than P needs, for dt's gradient
-            psi, a64 = _warp(log_dt.double(), nfft, G)  # (H, N, G), (H, 1, 1): float64
-            N, a = psi.shape[1], a64.to(h.dtype)
-            # beta^j = exp(-i c j psi): psi mod 2 pi / c in float64 first, or psi's float32 rounding grows c j times
-            base, base_c = _angle_pairs(psi, h.dtype), _angle_pairs(psi.remainder(2 * math.pi / c), h.dtype)
-            offset = F.pad(h.new_full((N, 1), math.pi / 2), (0, 1))  # (N, 2): [pi / 2, 0]
-            coef = F.pad(h, (1, c * J - n - 1))[:, None]  # (H, 1, cJ): g = [0, h, 0 ..]
-            ctx.tail, ctx.n = (), n
+            nodes, a64 = _nodes(log_dt, nfft, 1 + causal, n, h.dtype)
+            J = math.ceil((n + 2) / nodes[3])  # blocks for b^0 .. b^(n+1): one more than P needs, for dt's gradient
+            a, cJ = a64.to(h.dtype), nodes[3] * J
+            coef = F.pad(h, (1, cJ - n - 1))[:, None]  # (H, 1, cJ): g = [0, h, 0 ..]
+            ctx.tail, ctx.n, ctx.nodes = (), n, nodes
             if causal:  # even nodes g - q, odd nodes g + q
-                E, ctx.tail = _tail_series(h, a64[:, 0], nfft // 2, c * J)  # (H, cJ + 1): [0, E, 0 ..]
+                E, ctx.tail = _tail_series(h, a64[:, 0], nfft // 2, cJ)  # (H, cJ + 1): [0, E, 0 ..]
                 ctx.E = E[:, :-1]  # E_(j-1)
                 q = torch.addcmul(E[:, 1:], a[:, 0], ctx.E)  # (H, cJ): q_j = E_j + a E_(j-1)
                 sign = torch.arange(-1, 2, 2, dtype=h.dtype, device=h.device)[:, None]  # (2, 1): even, odd
                 coef = torch.addcmul(coef, sign, q[:, None])  # (H, 2, cJ)
-            # U first: the beta table is freed before b^r (kept for the backward) is made, so c + J tables at the peak
-            beta_j = torch.view_as_real(_exp_i(base_c, -c, J, offset)).view(H * G, J, 2 * N)  # (HG, J, 2N)
-            U = coef.view(H * G, J, c).mT @ beta_j  # (HG, c, J) @ (HG, J, 2N) -> (HG, c, 2N): Re, Im interleaved
-            del beta_j
-            b_r = _exp_i(base, -1, c, offset)  # (HG, c, N)
-            ctx.save_for_backward(coef, a, b_r, base_c, offset)
-            P = torch.view_as_complex(U.view(H * G, c, N, 2)).mul_(b_r).sum(1)  # (HG, N)
-            # node k = G i + g back in the order of k, cut to the nfft//2 + 1 rfft nodes
-            return P.view(H, G, N).transpose(1, 2).reshape(H, G * N)[:, :nfft // 2 + 1]  # (H, nfft//2 + 1)
+            P, b_r = _allpass_sum(coef, nodes)
+            ctx.save_for_backward(coef, a, b_r)
+            return P[:, :nfft // 2 + 1]  # (H, nfft//2 + 1)
 
     @staticmethod
     def backward(ctx, grad):
         with torch.autocast(grad.device.type, enabled=False):  # as in forward
-            coef, a, b_r, base_c, offset = ctx.saved_tensors
-            (H, G, cJ), (c, N) = coef.shape, b_r.shape[1:]
-            grad = F.pad(grad, (0, G * N - grad.shape[1])).view(H, N, G).transpose(1, 2)  # (H, G, N): the groups
-            # dcoef_(cj+r) = Re sum_k grad_k conj(beta^j b^r)_k: T = grad conj(beta^j) (remade, not kept: the
-            # forward's peak stays c + J tables), then one real matmul pairs Re with Re and Im with Im.
-            T = _exp_i(base_c, c, cJ // c, offset).view(H, G, -1, N).mul_(grad[:, :, None])  # (H, G, J, N)
-            T, b_r = torch.view_as_real(T).view(H * G, -1, 2 * N), torch.view_as_real(b_r).view(H * G, c, 2 * N)
-            dcoef = (T @ b_r.mT).view(H, G, cJ)  # (HG, J, 2N) @ (HG, 2N, c) -> (H, G, cJ)
+            coef, a, b_r = ctx.saved_tensors
+            cJ = coef.shape[-1]
+            dcoef = _allpass_sum_T(grad, b_r, ctx.nodes, cJ)  # (H, G, cJ)
             dh = dcoef.sum(1)[:, 1:ctx.n + 1]  # g = [0, h, 0 ..] in every group
             if ctx.tail:
                 dq = dcoef[:, 1] - dcoef[:, 0]  # coef = g -/+ q
