@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+__all__ = ["S4D", "s4d_kernel", "init_A", "INITS", "REAL_PARAMS"]
+
 REAL_PARAMS = {  # real_param: (f, its inverse w = f^-1(re) on re < 0; all inits start at re = -1/2)
     "exp": (lambda w: -torch.exp(w), lambda re: torch.log(-re)),
     "softplus": (lambda w: -F.softplus(w), lambda re: torch.log(torch.expm1(-re))),
@@ -137,10 +139,11 @@ class S4D(nn.Module):
     def __init__(self, d_model, d_state=64, dt_min=0.001, dt_max=0.1, dropout=0.0, init="lin",
                  real_param="exp", lr=0.001, lr_dt=0.001, bidirectional=False, transposed=True):
         super().__init__()
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
-        if d_state < 2 or d_state % 2:
-            raise ValueError(f"d_state must be even (conjugate pairs), got {d_state}")
+        if not (math.isfinite(dt_min) and math.isfinite(dt_max) and 0 < dt_min <= dt_max):
+            raise ValueError(f"need finite 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        if d_model < 1 or d_state < 2 or d_state % 2:
+            raise ValueError(f"need d_model >= 1 (channels) and d_state even and >= 2 (modes come in conjugate "
+                             f"pairs), got d_model={d_model}, d_state={d_state}")
         if real_param not in REAL_PARAMS:
             raise ValueError(f"real_param must be one of {tuple(REAL_PARAMS)}, got {real_param!r}")
         H = d_model
@@ -168,8 +171,8 @@ class S4D(nn.Module):
     def forward(self, u):
         if not self.transposed:
             u = u.transpose(-1, -2)  # (B, L, H) -> (B, H, L)
-        if u.ndim != 3 or u.shape[1] != self.H or not torch.is_floating_point(u):
-            raise ValueError(f"S4D expects a float tensor (B, H={self.H}, L) (or (B, L, H) with "
+        if u.ndim != 3 or u.shape[1] != self.H or not torch.is_floating_point(u) or u.shape[-1] < 1:
+            raise ValueError(f"S4D expects a float tensor (B, H={self.H}, L) with L >= 1 (or (B, L, H) with "
                              f"transposed=False), got {u.dtype} {tuple(u.shape)}")
         if self.C.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"S4D's parameters are {self.C.dtype}; keep the layer in float32 (or float64) and "
