@@ -86,15 +86,18 @@ def s4d_kernel(dt, A, C, L):
         raise ValueError(f"dt must be finite and > 0 (a step size), got min {dt.min().item():.3g}")
     if not isinstance(L, int) or L < 1:
         raise ValueError(f"L must be an int >= 1, got {L!r}")
-    return _kernel(dt, A, C, L)
+    return _kernel(dt, A, C, L)[0]
 
 
 def _kernel(dt, A, C, L):
-    """s4d_kernel without checks; C may hold 2H rows (bidirectional) that share A and dt -> (H or 2H, L)."""
+    """s4d_kernel without checks, and what it is made of: k (H, or 2H when C holds the bidirectional rows that
+    share A and dt), dA = exp(dt A) (H, N/2) and the Vandermonde table V = dA^l (H, N/2, L)."""
     C = C.view(-1, *A.shape)  # (1 or 2, H, N/2)
     dtA = A * dt[:, None]  # (H, N/2)
-    vander = torch.exp(dtA[..., None] * torch.arange(L, device=A.device))  # (H, N/2, L)
-    return 2 * torch.einsum("chn,hnl->chl", C * (torch.exp(dtA) - 1) / A, vander).real.flatten(0, 1)  # (cH, L)
+    V = torch.exp(dtA[..., None] * torch.arange(L, device=A.device))  # (H, N/2, L)
+    dA = torch.exp(dtA)
+    k = 2 * torch.einsum("chn,hnl->chl", C * (dA - 1) / A, V).real.flatten(0, 1)  # (cH, L)
+    return k, dA, V
 
 
 class _FFTConv(torch.autograd.Function):
@@ -121,8 +124,7 @@ class _FFTConv(torch.autograd.Function):
 def _register(module, name, tensor, lr):
     """lr == 0: frozen buffer; else a parameter, with an optimizer hint when lr is given (state-spaces/s4 style)."""
     if lr == 0.0:
-        module.register_buffer(name, tensor)
-        return
+        return module.register_buffer(name, tensor)
     module.register_parameter(name, nn.Parameter(tensor))
     if lr is not None:
         getattr(module, name)._optim = {"lr": lr, "weight_decay": 0.0}
@@ -131,7 +133,7 @@ def _register(module, name, tensor, lr):
 class S4D(nn.Module):
     """S4D layer: SSM convolution + D u -> GELU -> dropout -> 1x1 conv with GLU.
 
-    Input and output (B, H, L), or (B, L, H) with transposed=False.
+    Input and output (B, H, L), or (B, L, H) with transposed=False; forward and step() hand the state to each other.
     lr: learning-rate hint for A (weight decay 0); lr_dt: hint for dt (0 freezes it).
     bidirectional: add an anti-causal kernel with its own C, sharing A and dt (s4's channels=2).
     """
@@ -159,6 +161,7 @@ class S4D(nn.Module):
         self.activation = nn.GELU()
         self.dropout = nn.Dropout1d(dropout) if dropout > 0 else nn.Identity()
         self.output_linear = nn.Sequential(nn.Conv1d(H, 2 * H, kernel_size=1), nn.GLU(dim=-2))
+        self._cache = None  # step()'s (key, (dA, dB, 2C))
 
     def _system(self):
         A = torch.complex(REAL_PARAMS[self.real_param][0](self.w), self.A_imag)  # (H, N/2)
@@ -166,26 +169,50 @@ class S4D(nn.Module):
 
     def kernel(self, L):
         """Causal kernels (H, L) of the current parameters; bidirectional: (2H, L), rows H.. are k_bwd."""
-        return _kernel(*self._system(), L)
+        return _kernel(*self._system(), L)[0]
 
-    def forward(self, u):
+    def _checked(self, u, state, causal):  # forward's and step's checks; u promoted to float32 at least
+        if self.C.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"S4D's parameters are {self.C.dtype}; keep the layer in float32 (or float64) and "
+                             "use torch.autocast for mixed precision: the FFTs and the kernel need float32")
+        if causal and self.bidirectional:
+            raise ValueError("step(), and forward's state and return_state, run a causal recurrence, but this "
+                             "layer is bidirectional: its outputs depend on later inputs. Use forward(u) on it all")
+        shape = (u.shape[0], *self.A_imag.shape)  # the dtype via view_as_complex: dynamo cannot trace to_complex
+        if state is not None and (state.shape != shape or state.dtype != torch.view_as_complex(self.C).dtype):
+            raise ValueError(f"state must be {self.C.dtype.to_complex()} {shape} (B, H, N/2), as default_state(B), "
+                             f"step() or forward() give it; got {state.dtype} {tuple(state.shape)}")
+        return u.to(torch.promote_types(u.dtype, torch.float32))  # torch.fft takes no bf16 (autocast may pass one)
+
+    def forward(self, u, state=None, return_state=False):
+        """u (B, H, L), or (B, L, H) with transposed=False -> y of the same shape, or (y, final_state).
+
+        state: the recurrent state (B, H, N/2) complex that the sequence continues from, as default_state(B),
+        step() or a previous forward(..., return_state=True) gives it (None: the zero state, the plain layer).
+        return_state: also return the state step() would hold after u's last sample. Forward over chunks with
+        the state passed on is forward over the whole. Causal layers only: a bidirectional one refuses both.
+        A NaN or inf anywhere in u reaches every output, earlier ones included: the FFT mixes all positions.
+        """
         if not self.transposed:
             u = u.transpose(-1, -2)  # (B, L, H) -> (B, H, L)
         if u.ndim != 3 or u.shape[1] != self.H or not torch.is_floating_point(u) or u.shape[-1] < 1:
             raise ValueError(f"S4D expects a float tensor (B, H={self.H}, L) with L >= 1 (or (B, L, H) with "
                              f"transposed=False), got {u.dtype} {tuple(u.shape)}")
-        if self.C.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"S4D's parameters are {self.C.dtype}; keep the layer in float32 (or float64) and "
-                             "use torch.autocast for mixed precision: the FFTs and the kernel need float32")
-        u = u.to(torch.promote_types(u.dtype, torch.float32))  # torch.fft takes no bf16 (autocast may pass one)
-        L = u.shape[-1]
-        k = self.kernel(L)  # (H, L), or (2H, L)
+        u, L = self._checked(u, state, state is not None or return_state), u.shape[-1]
+        dt, A, C = self._system()
+        k, dA, V = _kernel(dt, A, C, L)  # (H or 2H, L), (H, N/2), (H, N/2, L)
         if self.bidirectional:  # y[t] += sum_{s>t} k_bwd[s-t-1] u[s]: k_bwd[j] at lag -(j+1), i.e. 2L-j-1 on the circle
             k = torch.cat([k[:self.H], k[self.H:].flip(-1)], -1)  # (H, 2L); u is padded, so lags never wrap around
         k_f = torch.fft.rfft(k, n=2 * L)  # (H, L + 1)
         y = _FFTConv.apply(u, k_f, 2 * L)  # (B, H, L)
+        if state is not None:  # the response to the state alone: y[t] += 2 Re sum_n C_n dA_n^(t+1) x_n
+            y = y + 2 * torch.einsum("bhn,hnl->bhl", C * dA * state, V).real
         y = self._block(y, u)
-        return y if self.transposed else y.transpose(-1, -2)
+        y = y if self.transposed else y.transpose(-1, -2)
+        if not return_state:
+            return y
+        final = (dA - 1) / A * torch.einsum("bhl,hnl->bhn", u.flip(-1).to(V.dtype), V)  # sum_t dA^(L-1-t) dB u[t]
+        return y, final if state is None else final + dA * V[..., -1] * state  # + dA^L x
 
     def _block(self, y, u):
         y = self.dropout(self.activation(y + self.D[:, None] * u))
@@ -195,17 +222,28 @@ class S4D(nn.Module):
         """Zero state (B, H, N/2), complex."""
         return torch.zeros(batch, *self.A_imag.shape, dtype=self.C.dtype.to_complex(), device=self.C.device)
 
-    def step(self, u_t, state):
-        """One time step: u_t (B, H), state (B, H, N/2) -> y_t (B, H), state. O(N) per channel."""
-        if self.bidirectional:
-            raise ValueError("step() runs a causal recurrence, but this layer is bidirectional: its output at t "
-                             "depends on inputs after t. Use forward() on the whole sequence")
-        if u_t.ndim != 2 or u_t.shape[1] != self.H or state.shape != (u_t.shape[0], *self.A_imag.shape):
-            raise ValueError(f"step expects u_t (B, {self.H}) and state (B, {self.H}, "
-                             f"{self.A_imag.shape[1]}) from default_state(B), got {tuple(u_t.shape)} "
-                             f"and {tuple(state.shape)}")
-        dt, A, C = self._system()
-        dtA = A * dt[:, None]  # (H, N/2)
-        state = torch.exp(dtA) * state + ((torch.exp(dtA) - 1) / A) * u_t[..., None]  # (B, H, N/2)
-        y = 2 * (C * state).sum(-1).real  # (B, H)
-        return self._block(y[..., None], u_t[..., None])[..., 0], state
+    def _recurrence(self):
+        """step()'s dA, dB, 2C (H, N/2), computed once per parameter values (in-place updates bump _version)."""
+        params = (self.log_dt, self.w, self.A_imag, self.C)
+        key = [(id(p), p._version, p.data_ptr(), p.device, p.dtype) for p in params], torch.is_inference_mode_enabled()
+        # Cached only while no gradient can reach the parameters: a cached tensor that carries an autograd graph
+        # is unusable once a backward has freed that graph, so with gradients on it is recomputed on each call.
+        cacheable = not torch.is_grad_enabled() or not any(p.requires_grad for p in params)
+        if not (cacheable and self._cache is not None and self._cache[0] == key):
+            dt, A, C = self._system()
+            dA = torch.exp(A * dt[:, None])
+            if not cacheable:
+                return dA, (dA - 1) / A, 2 * C
+            self._cache = key, (dA, (dA - 1) / A, 2 * C), params  # params held, so that their ids stay theirs
+        return self._cache[1]
+
+    def step(self, u_t, state=None):
+        """One time step: u_t (B, H) and state (B, H, N/2) as default_state(B), step() or forward(...,
+        return_state=True) gives it (None: the zero state) -> y_t (B, H), the next state. O(N) per channel."""
+        if u_t.ndim != 2 or u_t.shape[1] != self.H or not torch.is_floating_point(u_t):
+            raise ValueError(f"step expects a float tensor u_t (B, H={self.H}), got {u_t.dtype} {tuple(u_t.shape)}")
+        u_t = self._checked(u_t, state, causal=True)[..., None]  # (B, H, 1)
+        dA, dB, C2 = self._recurrence()
+        state = dB * u_t if state is None else torch.addcmul(dA * state, dB, u_t)  # (B, H, N/2)
+        y = (C2 * state).sum(-1, keepdim=True).real  # (B, H, 1): 2 Re(C state)
+        return self._block(y, u_t)[..., 0], state
