@@ -724,6 +724,18 @@ def test_readme_loads_best_pt_and_evaluates(tmp_path, monkeypatch):
     assert namespace["accuracy"] == state["best"]["test_acc"]
 
 
+def test_readme_smoke_run_at_tiny_size(tmp_path):
+    """The README's smoke run with its flags as written, on tiny Fashion-MNIST files (the flags appended for the tiny
+    size win: --data-dir, --val-size, --batch-size, --out): it trains its epoch and evaluates it."""
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(ts.__file__)), "README.md")).read()
+    command = shlex.split(readme.split("<!-- smoke -->")[1].split("```bash")[1].split("```")[0])
+    assert command[:2] == ["python", "train_scifar.py"]
+    write_fashion_mnist(str(tmp_path / "data"))
+    state = ts.main(command[2:] + ["--data-dir", str(tmp_path / "data"), "--val-size", "8", "--batch-size", "8",
+                                   "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert state["epoch"] == 1 and 0 <= state["history"][0]["test_acc"] <= 1
+
+
 def test_split_is_fixed_and_the_same_for_every_seed(tmp_path):
     """Validation = the first --val-size of randperm(N) with generator seed 42 (restated here), whatever --seed."""
     arrays = write_fashion_mnist(str(tmp_path / "data"), n_train=60)
