@@ -26,6 +26,7 @@ never on the layer's path); test_hope.py checks each pair, and both against an i
     4 the fast spectrum: _Spectrum -> hope_transfer, hope_kernel_spectrum, hope_kernel   5 the convolution: _FFTConv
     6 the layer: HOPE, forward (a convolution) and step (the recurrence)                  7 input checks
 """
+import collections
 import math
 
 import torch
@@ -93,11 +94,8 @@ def naive_transfer(h, dt, nfft):
 
 def cascade_step(u_t, x, a):
     """One step of the all-pass cascade: u_t (..., H), state x (..., H, n + 1), a (H, 1) -> the new state x'."""
-    n1 = x.shape[-1]
     v = torch.cat([u_t[..., None], torch.addcmul(x[..., :-1], a, x[..., 1:])], -1)  # (..., H, n + 1)
-    p = torch.pow(-a, torch.arange(n1, device=a.device))  # (H, n + 1): (-a)^k
-    # Windows of [0 (n times), p], reversed: T[i, j] = p[i - j] for i >= j, else 0 (a strided view, one copy)
-    T = F.pad(p, (n1 - 1, 0)).unfold(-1, n1, 1).flip(-1)  # (H, n + 1, n + 1)
+    T = _toeplitz(a, x.shape[-1])  # (H, n + 1, n + 1)
     with torch.autocast(a.device.type, enabled=False):  # under autocast the state would drift to bf16
         return torch.einsum("hij,...hj->...hi", T, v)  # (..., H, n + 1)
 
@@ -166,10 +164,13 @@ def naive_kernel_spectrum(h, dt, L):
 # coefficients are only bounded (|Q_k| <= 1 / (1 - |a|), as |x_k| <= 1 for all-pass sections), not small, so the
 # circle lies inside the unit disk: rho < 1, aliases * rho^M.
 
+Circle = collections.namedtuple("Circle", "L Q zeta az wN scale")
+
+
 def _circle(a, L, n):
-    """Q(zeta) at zeta_l = rho exp(2 pi i l / M), l = 0..M/2 (the rest are conjugates), a (H, 1) float64 -> Q (H, M/2 + 1)
-    and what the adjoint needs: zeta, 1 + a zeta, w^(L-2) and rho^i (i < n). M = 8n, rho = 10^(-2/n): aliases
-    rho^M = 1e-16; dividing by rho^i magnifies round-off by at most rho^-n = 100, hence float64."""
+    """Q(zeta) at zeta_l = rho exp(2 pi i l / M), l = 0..M/2 (the rest are conjugates), a (H, 1) float64: a Circle with
+    Q (H, M/2 + 1) and what dQ/da needs: zeta, 1 + a zeta, w^(L-2) and scale = rho^i (i < n). M = 8n, rho = 10^(-2/n):
+    aliases rho^M = 1e-16; dividing by rho^i magnifies round-off by at most rho^-n = 100, hence float64."""
     M, rho = 8 * n, 10 ** (-2 / n)
     l = torch.arange(M // 2 + 1, dtype=torch.float64, device=a.device)
     zeta = torch.polar(torch.full_like(l, rho), l * (2 * math.pi / M))  # (M/2 + 1,)
@@ -177,37 +178,36 @@ def _circle(a, L, n):
     w = (a + zeta) / az
     wN = torch.polar(w.abs() ** max(L - 2, 0), w.angle() * max(L - 2, 0))  # w^(L-2) (w may be 0); no complex pow: slow
     Q = (wN * w if L > 1 else 1) / az  # w^(L-1) / (1 + a zeta)
-    return Q, (zeta, az, wN, rho ** l[:n])
+    return Circle(L, Q, zeta, az, wN, rho ** l[:n])
 
 
-def _series_mul(f, Q, scale):
+def _series_mul(f, circle):
     """The first n coefficients of F(zeta) Q(zeta), F = sum_i f_i zeta^i, from f_i rho^i (..., n) float64. F at the
     points is conj(rfft(f_i rho^i)) and irfft's exponent has the + sign, hence the conjugates; then divide by rho^i."""
-    M = 2 * (Q.shape[-1] - 1)
-    return torch.fft.irfft(torch.fft.rfft(f, n=M) * Q.conj(), n=M)[..., :scale.shape[0]] / scale
+    M = 2 * (circle.Q.shape[-1] - 1)
+    return torch.fft.irfft(torch.fft.rfft(f, n=M) * circle.Q.conj(), n=M)[..., :len(circle.scale)] / circle.scale
 
 
-def _tail_series(h, a, L, length):
-    """The fast twin of naive_tail's E: [0, E, 0 ..] (H, length + 1), and what the adjoint needs; a (H, 1) float64.
-    hhat at the points is rfft(h_i / rho^i), and irfft's + sign makes its entry j the coefficient of zeta^-j."""
+def _tail_series(h, circle, length):
+    """The fast twin of naive_tail's E: [0, E, 0 ..] (H, length + 1), and hhat for the adjoint. hhat at the points is
+    rfft(h_i / rho^i), and irfft's + sign makes its entry j the coefficient of zeta^-j."""
     n = h.shape[1]
-    Q, circle = _circle(a, L, n)
-    hhat = torch.fft.rfft(h.double() / circle[-1], n=8 * n)  # hhat at the points: sum_i h_i zeta^-i
-    E = torch.fft.irfft(hhat * Q, n=8 * n)[:, :n] * circle[-1]  # (H, n)
-    return F.pad(E.to(h.dtype), (1, length - n)), (L, Q, hhat, *circle)  # [0, E, 0 ..]
+    hhat = torch.fft.rfft(h.double() / circle.scale, n=8 * n)  # hhat at the points: sum_i h_i zeta^-i
+    E = torch.fft.irfft(hhat * circle.Q, n=8 * n)[:, :n] * circle.scale  # (H, n)
+    return F.pad(E.to(h.dtype), (1, length - n)), hhat  # [0, E, 0 ..]
 
 
-def _tail_series_adjoint(dE, L, Q, hhat, zeta, az, wN, scale, with_da):
+def _tail_series_adjoint(dE, hhat, circle, with_da):
     """dh (H, n) and da (H,) (None unless with_da) of sum_j dE_j E_j. h -> E is a correlation with Q's coefficients, so
     its adjoint is the product of series dh(zeta) = dE(zeta) Q(zeta); da pairs dE with the E that dQ/da gives:
         dQ/da = w^(L-2) (L (1 - zeta^2) - (1 + a zeta)) / (1 + a zeta)^3  (L >= 2),  -zeta / (1 + a zeta)^2  (L = 1)."""
-    n, M = scale.shape[0], 2 * (Q.shape[1] - 1)
-    g = dE[:, :n].double() * scale  # (H, n)
-    dh = _series_mul(g, Q, scale)  # (H, n)
+    L, _, zeta, az, wN, scale = circle
+    g = dE[:, :len(scale)].double() * scale  # (H, n)
+    dh = _series_mul(g, circle)  # (H, n)
     if not with_da:
         return dh.to(dE.dtype), None
     dQ = wN * (L * (1 - zeta * zeta) - az) / (az * az * az) if L > 1 else -zeta / (az * az)
-    da = (torch.fft.irfft(hhat * dQ, n=M)[:, :n] * g).sum(1)  # (H,)
+    da = (torch.fft.irfft(hhat * dQ, n=hhat.shape[1] * 2 - 2)[:, :len(scale)] * g).sum(1)  # (H,)
     return dh.to(dE.dtype), da.to(dE.dtype)
 
 
@@ -247,10 +247,9 @@ def _exp_i(base, step, count, offset):
 # coefficients; the plain transfer function has G = 1. A GPU in eager PyTorch pays one kernel launch per operation:
 # these are a few dozen, whatever n and L.
 
-def _nodes(log_dt, nfft, groups, n, dtype):
+def _nodes(log_dt, nfft, groups, c, dtype):
     """The angle tables shared by every all-pass sum at the rfft nodes of length nfft: (base, base_c, offset, c) for
     _exp_i, and a (H, 1, 1) float64. Takes log dt; no autograd graph is needed through them (see _Spectrum)."""
-    c = math.isqrt(n + 1) + 1  # powers per block
     psi, a64 = _warp(log_dt.double(), nfft, groups)  # (H, N, G), (H, 1, 1): float64
     # beta^j = exp(-i c j psi): psi mod 2 pi / c in float64 first, or psi's float32 rounding grows c j times
     base, base_c = _angle_pairs(psi, dtype), _angle_pairs(psi.remainder(2 * math.pi / c), dtype)
@@ -258,29 +257,13 @@ def _nodes(log_dt, nfft, groups, n, dtype):
     return (base, base_c, offset, c), a64
 
 
-def _allpass_sum(coef, nodes):
-    """P_k = sum_m coef_m b_k^m: coef (..., H, G, cJ) -> (..., H, G N) in node order, and the table b^r (H G, c, N)."""
-    (base, base_c, offset, c), (*batch, H, G, cJ) = nodes, coef.shape
-    N = base.shape[2]
-    # U first: the beta table is freed before b^r (kept for the backward) is made, so c + J tables at the peak
-    beta_j = torch.view_as_real(_exp_i(base_c, -c, cJ // c, offset)).view(H * G, cJ // c, 2 * N)  # (HG, J, 2N)
-    U = coef.view(*batch, H * G, cJ // c, c).mT @ beta_j  # (.., HG, c, J) @ (HG, J, 2N) -> (.., HG, c, 2N): Re, Im
-    del beta_j
-    b_r = _exp_i(base, -1, c, offset)  # (HG, c, N)
-    P = torch.view_as_complex(U.view(*batch, H * G, c, N, 2)).mul_(b_r).sum(-2)  # (..., HG, N)
-    return P.view(*batch, H, G, N).transpose(-1, -2).reshape(*batch, H, G * N), b_r  # node k = G i + g in order
-
-
-def _allpass_sum_T(X, b_r, nodes, cJ):
-    """_allpass_sum transposed: X (..., H, K) complex at the first K nodes -> Re sum_k X_k conj(b_k^m), (..., H, G, cJ).
-    T = X conj(beta^j) (remade, not kept: the forward's peak stays c + J tables), then one real matmul with b^r
-    pairs Re with Re and Im with Im: Re(T) Re(b^r) + Im(T) Im(b^r) = Re(T conj(b^r))."""
-    (_, base_c, offset, c), (HG, _, N), (*batch, H, K) = nodes, b_r.shape, X.shape
-    X = F.pad(X, (0, HG // H * N - K)).view(*batch, H, N, HG // H).transpose(-1, -2)  # (..., H, G, N): the groups
-    T = _exp_i(base_c, c, cJ // c, offset).view(H, HG // H, -1, N)  # (H, G, J, N)
-    T = T * X[..., None, :] if batch else T.mul_(X[..., None, :])  # (..., H, G, J, N); no batch: in place
-    T, b_r = torch.view_as_real(T).view(*batch, HG, -1, 2 * N), torch.view_as_real(b_r).view(HG, c, 2 * N)
-    return (T @ b_r.mT).view(*batch, H, HG // H, cJ)  # (.., HG, J, 2N) @ (HG, 2N, c) -> (.., H, G, cJ)
+def _kernel_coef(h, a, circle, cJ):
+    """The exact kernel's coefficients [0, h] -/+ q on even/odd nodes (H, 2, cJ), a (H, 1) in h's dtype; and E_(j-1)
+    and hhat, for the adjoint."""
+    E, hhat = _tail_series(h, circle, cJ)  # (H, cJ + 1): [0, E, 0 ..]
+    q = torch.addcmul(E[:, 1:], a, E[:, :-1])  # (H, cJ): q_j = E_j + a E_(j-1)
+    sign = torch.arange(-1, 2, 2, dtype=h.dtype, device=h.device)[:, None]  # (2, 1): even, odd
+    return torch.addcmul(F.pad(h, (1, cJ - h.shape[1] - 1))[:, None], sign, q[:, None]), E[:, :-1], hhat
 
 
 class _Spectrum(torch.autograd.Function):
@@ -297,31 +280,42 @@ class _Spectrum(torch.autograd.Function):
     def forward(ctx, h, log_dt, nfft, causal):
         with torch.autocast(h.device.type, enabled=False):  # autocast would run the real matmuls in bf16
             H, n = h.shape
-            nodes, a64 = _nodes(log_dt, nfft, 1 + causal, n, h.dtype)
+            nodes, a64 = _nodes(log_dt, nfft, 1 + causal, math.isqrt(n + 1) + 1, h.dtype)  # c ~ sqrt(n)
             J = math.ceil((n + 2) / nodes[3])  # blocks for b^0 .. b^(n+1): one more than P needs, for dt's gradient
-            a, cJ = a64.to(h.dtype), nodes[3] * J
-            coef = F.pad(h, (1, cJ - n - 1))[:, None]  # (H, 1, cJ): g = [0, h, 0 ..]
+            a, cJ = a64[:, 0].to(h.dtype), nodes[3] * J  # (H, 1)
             ctx.tail, ctx.n, ctx.nodes = (), n, nodes
             if causal:  # even nodes g - q, odd nodes g + q
-                E, ctx.tail = _tail_series(h, a64[:, 0], nfft // 2, cJ)  # (H, cJ + 1): [0, E, 0 ..]
-                ctx.E = E[:, :-1]  # E_(j-1)
-                q = torch.addcmul(E[:, 1:], a[:, 0], ctx.E)  # (H, cJ): q_j = E_j + a E_(j-1)
-                sign = torch.arange(-1, 2, 2, dtype=h.dtype, device=h.device)[:, None]  # (2, 1): even, odd
-                coef = torch.addcmul(coef, sign, q[:, None])  # (H, 2, cJ)
-            P, b_r = _allpass_sum(coef, nodes)
+                circle = _circle(a64[:, 0], nfft // 2, n)
+                coef, ctx.E, hhat = _kernel_coef(h, a, circle, cJ)  # (H, 2, cJ)
+                ctx.tail = (hhat, circle)
+            else:
+                coef = F.pad(h, (1, cJ - n - 1))[:, None]  # (H, 1, cJ): g = [0, h, 0 ..]
+            (base, base_c, offset, c), G, N = nodes, coef.shape[1], nodes[0].shape[2]
+            # U first: the beta table is freed before b^r (kept for the backward) is made, so c + J tables at the peak
+            beta_j = torch.view_as_real(_exp_i(base_c, -c, J, offset)).view(H * G, J, 2 * N)  # (HG, J, 2N)
+            U = coef.view(H * G, J, c).mT @ beta_j  # (HG, c, J) @ (HG, J, 2N) -> (HG, c, 2N): Re, Im interleaved
+            del beta_j
+            b_r = _exp_i(base, -1, c, offset)  # (HG, c, N)
             ctx.save_for_backward(coef, a, b_r)
-            return P[:, :nfft // 2 + 1]  # (H, nfft//2 + 1)
+            P = torch.view_as_complex(U.view(H * G, c, N, 2)).mul_(b_r).sum(1)  # (HG, N)
+            # node k = G i + g back in the order of k, cut to the nfft//2 + 1 rfft nodes
+            return P.view(H, G, N).transpose(1, 2).reshape(H, G * N)[:, :nfft // 2 + 1]  # (H, nfft//2 + 1)
 
     @staticmethod
     def backward(ctx, grad):
         with torch.autocast(grad.device.type, enabled=False):  # as in forward
-            coef, a, b_r = ctx.saved_tensors
-            cJ = coef.shape[-1]
-            dcoef = _allpass_sum_T(grad, b_r, ctx.nodes, cJ)  # (H, G, cJ)
+            (coef, a, b_r), (_, base_c, offset, c) = ctx.saved_tensors, ctx.nodes
+            (H, G, cJ), N = coef.shape, b_r.shape[2]
+            grad = F.pad(grad, (0, G * N - grad.shape[1])).view(H, N, G).transpose(1, 2)  # (H, G, N): the groups
+            # dcoef_(cj+r) = Re sum_k grad_k conj(beta^j b^r)_k: T = grad conj(beta^j) (remade, not kept: the
+            # forward's peak stays c + J tables), then one real matmul pairs Re with Re and Im with Im.
+            T = _exp_i(base_c, c, cJ // c, offset).view(H, G, -1, N).mul_(grad[:, :, None])  # (H, G, J, N)
+            T, b_r = torch.view_as_real(T).view(H * G, -1, 2 * N), torch.view_as_real(b_r).view(H * G, c, 2 * N)
+            dcoef = (T @ b_r.mT).view(H, G, cJ)  # (HG, J, 2N) @ (HG, 2N, c) -> (H, G, cJ)
             dh = dcoef.sum(1)[:, 1:ctx.n + 1]  # g = [0, h, 0 ..] in every group
             if ctx.tail:
                 dq = dcoef[:, 1] - dcoef[:, 0]  # coef = g -/+ q
-                dE = torch.addcmul(dq[:, :-1], a[:, 0], dq[:, 1:])  # q_j = E_j + a E_(j-1)
+                dE = torch.addcmul(dq[:, :-1], a, dq[:, 1:])  # q_j = E_j + a E_(j-1)
                 dh_tail, da_tail = _tail_series_adjoint(dE, *ctx.tail, ctx.needs_input_grad[1])
                 dh = dh + dh_tail
             if not ctx.needs_input_grad[1]:  # dt frozen (a buffer): no dt gradient to compute
@@ -332,7 +326,7 @@ class _Spectrum(torch.autograd.Function):
             dlog_dt = ((dcoef[..., 2:] - dcoef[..., :-2]) * coef[..., 1:-1] * minus_half_m).sum((1, 2))
             if ctx.tail:  # a also enters through E (the adjoint's da) and through q = E + a E_(j-1)
                 da = da_tail + (dq * ctx.E).sum(1)
-                dlog_dt = torch.addcmul(dlog_dt, da, a[:, 0, 0] * a[:, 0, 0] - 1, value=0.5)  # da/dlog_dt
+                dlog_dt = torch.addcmul(dlog_dt, da, a[:, 0] * a[:, 0] - 1, value=0.5)  # da/dlog_dt
             return dh, dlog_dt, None, None
 
 
@@ -384,7 +378,44 @@ def two_sided(K, L):
     return K[:H] + torch.polar(torch.ones_like(k), k * (math.pi / L)) * K[H:].conj()  # z_k = exp(2 pi i k / 2L)
 
 
-# 6. The layer ----------------------------------------------------------------------------------------------------
+# 6. Convolution and recurrence, switchable ----------------------------------------------------------------------
+# To generate, a layer runs a prompt as one convolution and continues with step(); a long stream runs as chunks, each
+# continuing from the last one's state. So forward() must start from a state x and return the state it ends in, the
+# one step() would hold. By linearity a chunk is what its input does from the zero state plus what x does under zero
+# input, and section 3 gives both exactly, without a loop over t:
+# (1) L zero-input steps take x to A^L x. Section m's output at t = L - 1 is the coefficient of z^-(L-1) in R_m, where
+#     each (1 + a b) b^i contributes beta_i[L-1] + a beta_(i+1)[L-1] = (1 - a^2) Q_i (beta_i: b^i's impulse response,
+#     whose values at L - 1 are the impulse's state; then the shift identity). With R_m unrolled as in section 3:
+#         (A^L x)_m = sum_{i<m} Q_(m-1-i) v_i,   v_i = x_i + a x_(i+1):
+#     the product of series V(zeta) Q(zeta) on the circle. L = 1 gives Q_k = (-a)^k: cascade_step's T.
+# (2) The output from x is free_response's sum_j q_j(x) b^j. Cut to L samples like the kernel (its tail beyond L is
+#     the output from A^L x), its spectrum at the 2L nodes is sum_j (q_j(x) - (-1)^k q_j(A^L x)) b_k^j.
+# (3) From the zero state the input leaves x_m = sum_t u[t] beta_m[L-1-t]. By Parseval with the reversed input,
+#     f_m = Re sum_k rfft(flip u)_k conj(b_k^m) / 2L over the 2L nodes is that sum with beta_m folded at period 2L, and
+#     each folded term beta_m[. + 2L p] leaves the same state advanced 2L p steps: f = sum_p A^(2Lp) x, x = f - A^2L f.
+#     f is the all-pass sum transposed, the rfft's inner bins standing for two nodes each (k and 2L - k).
+
+def _advance(x, a, circle):
+    """A^L x (..., H, n + 1), float64: the state after L zero-input steps from x; a (H, 1) and circle = _circle(a, L, n)."""
+    v = torch.addcmul(x[..., :-1].double(), a, x[..., 1:])  # (..., H, n): v_i = x_i + a x_(i+1)
+    return F.pad(_series_mul(v * circle.scale, circle), (1, 0))  # (..., H, n + 1): (A^L x)_0 = 0
+
+
+def _powers(nodes, count):
+    """b^m, m < count, at the nodes of _nodes: (H G, count, N), b^(cj + r) = beta^j b^r. A batch of coefficient vectors
+    pays for the whole table: one matmul then evaluates all their sums, and one more all the transposed sums."""
+    base, base_c, offset, c = nodes
+    beta_j, b_r = _exp_i(base_c, -c, -(-count // c), offset), _exp_i(base, -1, c, offset)  # (HG, J, N), (HG, c, N)
+    return (beta_j[:, :, None] * b_r[:, None]).flatten(1, 2)[:, :count]
+
+
+def _toeplitz(a, size):
+    """T[i, j] = (-a)^(i-j) for i >= j, else 0: (H, size, size) from a (H, 1), the inverse of I + a S (section 2)."""
+    p = torch.pow(-a, torch.arange(size, device=a.device))  # (H, size)
+    return F.pad(p, (size - 1, 0)).unfold(-1, size, 1).flip(-1)  # windows of [0 (size - 1 times), p], reversed
+
+
+# 7. The layer ----------------------------------------------------------------------------------------------------
 
 def _register(module, name, tensor, lr, hint):
     """lr == 0: a frozen buffer; else a parameter with the optimizer hint (state-spaces/s4 style), if any."""
@@ -402,14 +433,16 @@ class HOPE(nn.Module):
     per channel (equal: fixed). lr_dt: learning-rate hint for dt (0 freezes it as a buffer; no weight decay); lr_h:
     hint for h (None: the optimizer's default, as in the paper); h keeps the optimizer's weight decay.
     circular: Algorithm 1's circular convolution instead of the exact causal one. bidirectional: add an anti-causal
-    kernel with its own h and dt (see two_sided); not with circular.
+    kernel with its own h and dt (see two_sided); not with circular. Neither has a recurrent state.
     """
 
     def __init__(self, d_model, d_state=64, dt_min=0.001, dt_max=0.1, dropout=0.0, lr_dt=0.001,
                  lr_h=None, circular=False, bidirectional=False, transposed=True):
         super().__init__()
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        if d_model < 1 or d_state < 1:
+            raise ValueError(f"need d_model >= 1 channels and d_state >= 1 Markov parameters, got {d_model}, {d_state}")
+        if not (math.isfinite(dt_max) and 0 < dt_min <= dt_max):
+            raise ValueError(f"need finite 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         if circular and bidirectional:
             raise ValueError("circular and bidirectional exclude each other (the bidirectional layer is an exact "
                              "two-sided convolution without wrap-around): choose one")
@@ -424,53 +457,112 @@ class HOPE(nn.Module):
         self.activation = nn.GELU()
         self.dropout = nn.Dropout1d(dropout) if dropout > 0 else nn.Identity()
         self.output_linear = nn.Sequential(nn.Conv1d(H, 2 * H, kernel_size=1), nn.GLU(dim=-2))
+        self._step_cache = None
 
     def kernel(self, L):
         """Causal kernels (H, L) of the current parameters; bidirectional: (2H, L), rows H.. are k_bwd."""
         return hope_kernel(self.h, self.log_dt.exp(), L)
 
-    def forward(self, u):
+    def forward(self, u, state=None, return_state=False):
+        """u (B, H, L) -> y (B, H, L) (both (B, L, H) with transposed=False). state (B, H, n + 1): continue from it
+        (default_state(B), or what step() or a previous forward returned; None: the zero state). return_state: return
+        (y, the state step() would hold after the last sample). A NaN or inf anywhere in u reaches every output: the
+        FFTs mix all positions."""
         if not self.transposed:
             u = u.transpose(-1, -2)  # (B, L, H) -> (B, H, L)
-        if u.ndim != 3 or u.shape[1] != self.H or not torch.is_floating_point(u):
-            raise ValueError(f"HOPE expects a float tensor (B, H={self.H}, L) (or (B, L, H) with "
-                             f"transposed=False), got {u.dtype} {tuple(u.shape)}")
-        if self.h.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"HOPE's parameters are {self.h.dtype}; keep the layer in float32 (or float64) and "
-                             "use torch.autocast for mixed precision: the FFTs and the kernel need float32")
+        self._check(u, state, state is not None or return_state)
         u = u.to(torch.promote_types(u.dtype, torch.float32))  # torch.fft takes no bf16 (autocast may pass one)
         L = u.shape[-1]
         nfft = L if self.circular else 2 * L  # causal: zero-padded to 2L, so nothing wraps around
-        K = _Spectrum.apply(self.h, self.log_dt, nfft, not self.circular)  # (H or 2H, nfft//2 + 1)
-        K = two_sided(K, L) if self.bidirectional else K  # (H, nfft//2 + 1)
-        y = self._block(_FFTConv.apply(u, K, nfft), u)  # (B, H, L)
-        return y if self.transposed else y.transpose(-1, -2)
+        if state is not None or return_state:
+            with torch.autocast(u.device.type, enabled=False):  # autocast would run the matmuls in bf16
+                y, state = self._state_io(u, state)  # (B, H, L), (B, H, n + 1)
+        else:
+            K = _Spectrum.apply(self.h, self.log_dt, nfft, not self.circular)  # (H or 2H, nfft//2 + 1)
+            K = two_sided(K, L) if self.bidirectional else K  # (H, nfft//2 + 1)
+            y = _FFTConv.apply(u, K, nfft)  # (B, H, L)
+        y = self._block(y + self.D[:, None] * u)  # (B, H, L)
+        y = y if self.transposed else y.transpose(-1, -2)
+        return (y, state) if return_state else y
 
-    def _block(self, y, u):
-        y = self.dropout(self.activation(y + self.D[:, None] * u))
-        return self.output_linear(y)  # (B, H, L)
+    def _state_io(self, u, x):
+        """Section 6: the SSM's output (B, H, L) from the state x (None: zero) and the input u, and the state after u.
+        One table of b^m at the kernel's nodes serves the kernel, the free responses and the transposed sums."""
+        (B, H, L), n, h = u.shape, self.n, self.h
+        nodes, a = _nodes(self.log_dt, 2 * L, 2, math.isqrt(n + 1) + 1, h.dtype)  # even and odd groups, as the kernel
+        a, N = a[:, 0], nodes[0].shape[2]  # (H, 1) float64
+        circle = _circle(a, L, n)
+        powers = torch.view_as_real(_powers(nodes, n + 1)).view(2 * H, n + 1, 2 * N)  # (2H, n + 1, 2N)
+        X = torch.fft.rfft(u.flip(-1), n=2 * L, norm="forward")  # (B, H, L + 1): rfft(flip u) / 2L
+        X[..., 1:L].mul_(2)  # the bins that stand for two
+        X = F.pad(X, (0, 2 * N - L - 1)).view(B, H, N, 2).permute(1, 3, 0, 2).reshape(2 * H, B, N)  # (H 2, B, N)
+        f = torch.view_as_real(X).view(2 * H, B, 2 * N) @ powers.mT  # (2H, B, n + 1): Re sum_k X_k conj(b_k^m)
+        f = f.view(H, 2, B, n + 1).sum(1).transpose(0, 1)  # (B, H, n + 1)
+        coef = _kernel_coef(h, a.to(h.dtype), circle, n + 1)[0][:, :, None]  # (H, 2, 1, n + 1)
+        if x is None:
+            x_end = f.double() - _advance(_advance(f, a, circle), a, circle)  # f - A^L A^L f
+        else:
+            x_L, f_L = _advance(torch.stack([x, f.to(x.dtype)]), a, circle)  # (B, H, n + 1) each: A^L x, A^L f
+            x_end = f.double() - _advance(f_L, a, circle) + x_L
+            q = free_response(h.double(), a, torch.stack([x.double(), x_L]))  # (2, B, H, n + 1): q(x), q(A^L x)
+            sign = torch.tensor([[-1.0], [1.0]], dtype=torch.float64, device=u.device)  # (2, 1): even, odd nodes
+            free = torch.addcmul(q[0, :, :, None], sign, q[1, :, :, None]).permute(1, 2, 0, 3)  # (H, 2, B, n + 1)
+            coef = torch.cat([coef, free.to(h.dtype)], 2)  # (H, 2, 1 + B, n + 1)
+        P = torch.view_as_complex((coef.view(2 * H, -1, n + 1) @ powers).view(H, 2, -1, N, 2))  # (H, 2, 1 (+ B), N)
+        P = P.permute(2, 0, 3, 1).reshape(-1, H, 2 * N)[..., :L + 1]  # (1 (+ B), H, L + 1): node k = 2 i + g in order
+        Y = torch.fft.rfft(u, n=2 * L) * P[0]  # (B, H, L + 1): the kernel's convolution
+        y = torch.fft.irfft(Y if x is None else Y + P[1:], n=2 * L)[..., :L]  # (B, H, L): plus the free response
+        return y, x_end.to(u.dtype)
+
+    def _block(self, y):
+        return self.output_linear(self.dropout(self.activation(y)))  # (B, H, L)
 
     def default_state(self, batch):
-        """Zero state (B, H, n + 1) of the recurrence (section 2): z_m = (b^m u)[t - 1], m = 0..n."""
+        """Zero state (B, H, n + 1) of the recurrence (section 2): x_m = (b^m u)[t - 1], m = 0..n."""
         return self.h.new_zeros(batch, self.H, self.n + 1)
 
-    def step(self, u_t, state):
-        """forward() one sample at a time (in eval mode; dropout draws differ): u_t (B, H), state (B, H, n + 1) ->
-        y_t (B, H), the new state. The cascade of section 2, y_t = sum_i h_i (b^(i+1) u)[t] + D u_t, then the block."""
-        if self.circular or self.bidirectional:
-            raise ValueError(f"step() runs the causal recurrence, but this layer is "
-                             f"{'circular' if self.circular else 'bidirectional'}: its output at t depends on "
-                             "inputs after t. Use forward() on the whole sequence")
-        if u_t.ndim != 2 or u_t.shape[1] != self.H or state.shape != (u_t.shape[0], self.H, self.n + 1):
-            raise ValueError(f"step expects u_t (B, {self.H}) and state (B, {self.H}, {self.n + 1}) "
-                             f"from default_state(B), got {tuple(u_t.shape)} and {tuple(state.shape)}")
+    def step(self, u_t, state=None):
+        """forward() one sample at a time (in eval mode; dropout draws differ): u_t (B, H), state (B, H, n + 1) or None
+        (zero) -> y_t (B, H), the new state. The cascade of section 2 as one product: W = [T; [0, h] T + D e_0] maps
+        v = [u_t, x_(m-1) + a x_m] to the new state and y_t's SSM part, sum_i h_i x'_(i+1) + D u_t."""
+        self._check(u_t[..., None], state, True)
+        x = self.default_state(u_t.shape[0]) if state is None else state
+        W, a = self._step_matrix()  # (H, n + 2, n + 1), (H, 1)
+        v = torch.cat([u_t[..., None], torch.addcmul(x[..., :-1], a, x[..., 1:])], -1)  # (B, H, n + 1)
+        with torch.autocast(u_t.device.type, enabled=False):  # under autocast the state would drift to bf16
+            out = torch.einsum("hij,bhj->bhi", W, v)  # (B, H, n + 2)
+        return self._block(out[..., -1:])[..., 0], out[..., :-1]
+
+    def _step_matrix(self):
+        """step()'s W and a. They depend on the parameters only, so they are kept until h, dt or D change (their
+        storage or version: in-place optimizer updates count). Only without autograd: a kept tensor's graph would be
+        freed by the first backward and could not serve a second loss."""
+        key = [(p.data_ptr(), p._version, p.dtype) for p in (self.h, self.log_dt, self.D)]
+        if self._step_cache is not None and self._step_cache[0] == key and not torch.is_grad_enabled():
+            return self._step_cache[1]
         a = torch.tanh(-self.log_dt / 2)[:, None]  # (H, 1): (1 - dt) / (1 + dt)
-        state = cascade_step(u_t, state, a)  # (B, H, n + 1)
-        y = (state[..., 1:] * self.h).sum(-1)  # (B, H)
-        return self._block(y[..., None], u_t[..., None])[..., 0], state
+        T = _toeplitz(a, self.n + 1)  # (H, n + 1, n + 1)
+        y_row = F.pad(self.h, (1, 0))[:, None] @ T + F.pad(self.D[:, None, None], (0, self.n))  # (H, 1, n + 1)
+        self._step_cache = (key, (torch.cat([T, y_row], 1), a)) if not torch.is_grad_enabled() else None
+        return torch.cat([T, y_row], 1), a
+
+    def _check(self, u, x, with_state):
+        if u.ndim != 3 or u.shape[1] != self.H or not torch.is_floating_point(u) or u.shape[-1] < 1:
+            raise ValueError(f"HOPE expects a float tensor u (B, H={self.H}, L >= 1) (or (B, L, H) with "
+                             f"transposed=False; step: u_t (B, H)), got {u.dtype} {tuple(u.shape)}")
+        if self.h.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"HOPE's parameters are {self.h.dtype}; keep the layer in float32 (or float64) and "
+                             "use torch.autocast for mixed precision: the FFTs and the kernel need float32")
+        if with_state and (self.circular or self.bidirectional):
+            raise ValueError(f"this layer is {'circular' if self.circular else 'bidirectional'}: its output at t "
+                             "depends on inputs after t, so it has no recurrent state (no step(), state or "
+                             "return_state). Use forward(u) on the whole sequence")
+        if x is not None and (x.shape != (u.shape[0], self.H, self.n + 1) or not torch.is_floating_point(x)):
+            raise ValueError(f"state must be a float tensor (B, H, n + 1) = ({u.shape[0]}, {self.H}, {self.n + 1}) "
+                             f"as default_state(B) makes it, got {x.dtype} {tuple(x.shape)}")
 
 
-# 7. Input checks -------------------------------------------------------------------------------------------------
+# 8. Input checks -------------------------------------------------------------------------------------------------
 
 def _check_positive(dt):
     if not torch.isfinite(dt).all() or (dt <= 0).any():
