@@ -19,13 +19,18 @@ Glossary (code name = paper symbol: meaning)
     k  (H, L)    the convolution kernel, G's impulse response;  u, y  the input and output
     q  (H, n+1)  the kernel's tail beyond L as a polynomial in b, R = sum_j q_j b^j                     (section 3)
 
+    x  (B, H, n+1) the recurrent state, x_m = (b^m u)[t - 1]: the input through m all-pass sections      (section 2)
+
 Reading map. Each fast function comes after its naive twin (the math as written, for reading and for the tests,
-never on the layer's path); test_hope.py checks each pair, and both against an independent ground truth.
+never on the layer's path); test_hope.py and test_state.py check each pair against an independent ground truth.
     1 Algorithm 1, literally: algorithm1     2 the warp is an all-pass filter: allpass, naive_transfer, cascade_step
-    3 the exact causal kernel: naive_kernel, naive_tail, naive_kernel_spectrum; the fast tail: _tail_series
-    4 the fast spectrum: _Spectrum -> hope_transfer, hope_kernel_spectrum, hope_kernel   5 the convolution: _FFTConv
-    6 the layer: HOPE, forward (a convolution) and step (the recurrence)                  7 input checks
+    3 the exact causal kernel: naive_kernel, hankel, free_response, naive_tail, naive_kernel_spectrum, _tail_series
+    4 the fast spectrum: _Spectrum -> hope_kernel   5 the convolution: _FFTConv   6 state in and out: _advance
+    7 the layer: HOPE, forward (a convolution, from and to a state) and step (the recurrence)   8 input checks
 """
+__all__ = ["HOPE", "algorithm1", "allpass", "allpass_sum", "naive_transfer", "cascade_step", "naive_kernel", "hankel",
+           "free_response", "naive_tail", "naive_kernel_spectrum", "hope_transfer", "hope_kernel_spectrum",
+           "hope_kernel", "two_sided"]
 import collections
 import math
 
@@ -91,6 +96,12 @@ def naive_transfer(h, dt, nfft):
 # Each section needs the new output of the one before: n dependent updates. For all m at once they read
 # (I + a S) x' = v, with S the down-shift and v = [u[t], x_(m-1) + a x_m]; the inverse of I + a S is the
 # lower-triangular Toeplitz matrix T[i, j] = (-a)^(i-j), so a step is one batched matrix product x' = T v.
+
+def _toeplitz(a, size):
+    """T[i, j] = (-a)^(i-j) for i >= j, else 0: (H, size, size) from a (H, 1), the inverse of I + a S (section 2)."""
+    p = torch.pow(-a, torch.arange(size, device=a.device))  # (H, size)
+    return F.pad(p, (size - 1, 0)).unfold(-1, size, 1).flip(-1)  # windows of [0 (size - 1 times), p], reversed
+
 
 def cascade_step(u_t, x, a):
     """One step of the all-pass cascade: u_t (..., H), state x (..., H, n + 1), a (H, 1) -> the new state x'."""
@@ -272,8 +283,7 @@ class _Spectrum(torch.autograd.Function):
 
     Backward, with PyTorch's convention for complex outputs (grad = dLoss/dRe P + i dLoss/dIm P for a real loss; see
     "Autograd for Complex Numbers" in PyTorch's autograd notes): a real coef_m's gradient is Re sum_k grad_k conj(b_k^m),
-    the same sum transposed (_allpass_sum_T); dt's follows from those alone, and the tail adds its adjoint. No autograd
-    graph inside.
+    the same sum transposed; dt's follows from those alone, and the tail adds its adjoint. No autograd graph inside.
     """
 
     @staticmethod
@@ -378,22 +388,20 @@ def two_sided(K, L):
     return K[:H] + torch.polar(torch.ones_like(k), k * (math.pi / L)) * K[H:].conj()  # z_k = exp(2 pi i k / 2L)
 
 
-# 6. Convolution and recurrence, switchable ----------------------------------------------------------------------
-# To generate, a layer runs a prompt as one convolution and continues with step(); a long stream runs as chunks, each
-# continuing from the last one's state. So forward() must start from a state x and return the state it ends in, the
-# one step() would hold. By linearity a chunk is what its input does from the zero state plus what x does under zero
-# input, and section 3 gives both exactly, without a loop over t:
-# (1) L zero-input steps take x to A^L x. Section m's output at t = L - 1 is the coefficient of z^-(L-1) in R_m, where
-#     each (1 + a b) b^i contributes beta_i[L-1] + a beta_(i+1)[L-1] = (1 - a^2) Q_i (beta_i: b^i's impulse response,
-#     whose values at L - 1 are the impulse's state; then the shift identity). With R_m unrolled as in section 3:
-#         (A^L x)_m = sum_{i<m} Q_(m-1-i) v_i,   v_i = x_i + a x_(i+1):
-#     the product of series V(zeta) Q(zeta) on the circle. L = 1 gives Q_k = (-a)^k: cascade_step's T.
-# (2) The output from x is free_response's sum_j q_j(x) b^j. Cut to L samples like the kernel (its tail beyond L is
-#     the output from A^L x), its spectrum at the 2L nodes is sum_j (q_j(x) - (-1)^k q_j(A^L x)) b_k^j.
-# (3) From the zero state the input leaves x_m = sum_t u[t] beta_m[L-1-t]. By Parseval with the reversed input,
-#     f_m = Re sum_k rfft(flip u)_k conj(b_k^m) / 2L over the 2L nodes is that sum with beta_m folded at period 2L, and
-#     each folded term beta_m[. + 2L p] leaves the same state advanced 2L p steps: f = sum_p A^(2Lp) x, x = f - A^2L f.
-#     f is the all-pass sum transposed, the rfft's inner bins standing for two nodes each (k and 2L - k).
+# 6. State in and out: convolution and recurrence, switchable ---------------------------------------------------
+# To generate, a layer runs a prompt as one convolution, then step(); a long stream runs as chunks, each continuing
+# from the last one's state. By linearity a chunk is what its input does from the zero state plus what its starting
+# state x does under zero input, and section 3 gives both exactly, with no loop over t (beta_m: b^m's impulse response):
+# (1) L zero-input steps take x to A^L x, whose entry m, the coefficient of z^-(L-1) in R_m, collects from each
+#     (1 + a b) b^i of R_m the value beta_i[L-1] + a beta_(i+1)[L-1] = (1 - a^2) Q_i (the shift identity), so
+#         (A^L x)_m = sum_{i<m} Q_(m-1-i) v_i,   v_i = x_i + a x_(i+1):   the product of series V(zeta) Q(zeta).
+#     L = 1 gives Q_k = (-a)^k: cascade_step's T.
+# (2) The output from x is free_response's sum_j q_j(x) b^j; its tail beyond L is the output from A^L x, so cut to L
+#     samples like the kernel its spectrum at the 2L nodes is sum_j (q_j(x) - (-1)^k q_j(A^L x)) b_k^j.
+# (3) The input leaves x_m = sum_t u[t] beta_m[L-1-t]. By Parseval with the reversed input, f_m = Re sum_k
+#     rfft(flip u)_k conj(b_k^m) / 2L over the 2L nodes (the inner rfft bins stand for k and 2L - k) is that sum with
+#     beta_m folded at period 2L, and a folded term beta_m[. + 2Lp] is the same state advanced 2Lp steps:
+#     f = sum_p A^(2Lp) x, so x = f - A^2L f.
 
 def _advance(x, a, circle):
     """A^L x (..., H, n + 1), float64: the state after L zero-input steps from x; a (H, 1) and circle = _circle(a, L, n)."""
@@ -407,12 +415,6 @@ def _powers(nodes, count):
     base, base_c, offset, c = nodes
     beta_j, b_r = _exp_i(base_c, -c, -(-count // c), offset), _exp_i(base, -1, c, offset)  # (HG, J, N), (HG, c, N)
     return (beta_j[:, :, None] * b_r[:, None]).flatten(1, 2)[:, :count]
-
-
-def _toeplitz(a, size):
-    """T[i, j] = (-a)^(i-j) for i >= j, else 0: (H, size, size) from a (H, 1), the inverse of I + a S (section 2)."""
-    p = torch.pow(-a, torch.arange(size, device=a.device))  # (H, size)
-    return F.pad(p, (size - 1, 0)).unfold(-1, size, 1).flip(-1)  # windows of [0 (size - 1 times), p], reversed
 
 
 # 7. The layer ----------------------------------------------------------------------------------------------------
@@ -499,12 +501,10 @@ class HOPE(nn.Module):
         f = torch.view_as_real(X).view(2 * H, B, 2 * N) @ powers.mT  # (2H, B, n + 1): Re sum_k X_k conj(b_k^m)
         f = f.view(H, 2, B, n + 1).sum(1).transpose(0, 1)  # (B, H, n + 1)
         coef = _kernel_coef(h, a.to(h.dtype), circle, n + 1)[0][:, :, None]  # (H, 2, 1, n + 1)
-        if x is None:
-            x_end = f.double() - _advance(_advance(f, a, circle), a, circle)  # f - A^L A^L f
-        else:
-            x_L, f_L = _advance(torch.stack([x, f.to(x.dtype)]), a, circle)  # (B, H, n + 1) each: A^L x, A^L f
-            x_end = f.double() - _advance(f_L, a, circle) + x_L
-            q = free_response(h.double(), a, torch.stack([x.double(), x_L]))  # (2, B, H, n + 1): q(x), q(A^L x)
+        x_L, f_L = _advance(torch.stack([f if x is None else x, f]), a, circle)  # (B, H, n + 1) each: A^L x, A^L f
+        x_end = f.double() - _advance(f_L, a, circle) + (0 if x is None else x_L)  # f - A^2L f + A^L x
+        if x is not None:
+            q = free_response(h.double(), a, torch.stack([x, x_L]))  # (2, B, H, n + 1): q(x), q(A^L x)
             sign = torch.tensor([[-1.0], [1.0]], dtype=torch.float64, device=u.device)  # (2, 1): even, odd nodes
             free = torch.addcmul(q[0, :, :, None], sign, q[1, :, :, None]).permute(1, 2, 0, 3)  # (H, 2, B, n + 1)
             coef = torch.cat([coef, free.to(h.dtype)], 2)  # (H, 2, 1 + B, n + 1)
@@ -543,8 +543,9 @@ class HOPE(nn.Module):
         a = torch.tanh(-self.log_dt / 2)[:, None]  # (H, 1): (1 - dt) / (1 + dt)
         T = _toeplitz(a, self.n + 1)  # (H, n + 1, n + 1)
         y_row = F.pad(self.h, (1, 0))[:, None] @ T + F.pad(self.D[:, None, None], (0, self.n))  # (H, 1, n + 1)
-        self._step_cache = (key, (torch.cat([T, y_row], 1), a)) if not torch.is_grad_enabled() else None
-        return torch.cat([T, y_row], 1), a
+        W = torch.cat([T, y_row], 1)  # (H, n + 2, n + 1)
+        self._step_cache = None if torch.is_grad_enabled() else (key, (W, a))
+        return W, a
 
     def _check(self, u, x, with_state):
         if u.ndim != 3 or u.shape[1] != self.H or not torch.is_floating_point(u) or u.shape[-1] < 1:

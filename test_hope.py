@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from hope import (HOPE, _tail_series, algorithm1, allpass, allpass_sum, hope_kernel, hope_kernel_spectrum,
+from hope import (HOPE, _circle, _tail_series, algorithm1, allpass, allpass_sum, hope_kernel, hope_kernel_spectrum,
                   hope_transfer, naive_kernel, naive_kernel_spectrum, naive_tail, naive_transfer)
 from s4d import INITS, REAL_PARAMS, S4D, init_A, s4d_kernel
 
@@ -163,7 +163,7 @@ def test_tail_series_on_the_circle_is_naive_tail(n):
             h = torch.randn(3, n, dtype=f64)
             dts = dt * torch.tensor([1.0, 1.3, 0.7], dtype=f64) if dt in DTS else torch.full((3,), dt, dtype=f64)
             a = ((1 - dts) / (1 + dts))[:, None]
-            E = _tail_series(h, a, L, n + 1)[0]  # (H, n + 2): [0, E, 0]
+            E = _tail_series(h, _circle(a, L, n), n + 1)[0]  # (H, n + 2): [0, E, 0]
             q, ref = E[:, 1:] + a * E[:, :-1], naive_tail(h, dts, L)
             scale = torch.maximum(ref.abs().max(), h.abs().max())  # the response's, once the tail has died out
             assert ((q - ref).abs().max() / scale).item() < 1e-11, (dt, L)
@@ -578,7 +578,7 @@ h2, dt2 = torch.randn(2, 4), torch.ones(2)
     (lambda: algorithm1(torch.randn(2, 8), h2, -1.0), "dt must be finite and > 0"),
     (lambda: algorithm1(torch.randn(2, 8), h2, torch.ones(5)), "must broadcast"),
     (lambda: algorithm1(torch.ones(2, 8, dtype=torch.long), h2, 1.0), "u must be"),
-    (lambda: HOPE(4)(torch.randn(2, 5, 8)), r"expects a float tensor \(B, H=4, L\)"),
+    (lambda: HOPE(4)(torch.randn(2, 5, 8)), r"expects a float tensor u \(B, H=4, L >= 1\)"),
     (lambda: HOPE(4)(torch.randn(4, 8)), "expects a float tensor"),
     (lambda: HOPE(4, dt_min=0.0), "dt_min"),
     (lambda: HOPE(4).step(torch.randn(2, 4), torch.zeros(2, 4, 3)), "default_state"),
