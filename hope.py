@@ -46,14 +46,14 @@ def algorithm1(u, h, dt):
     u.shape[:-1] -> real y (..., L), the circular convolution of u with the system's kernel."""
     dt = _check_algorithm1(u, h, dt)
     L, n = u.shape[-1], h.shape[-1]
-    # Step 1: the L FFT nodes omega_k = exp(2 pi i k / L) on the unit circle.
+    # Step 1: the L FFT nodes omega_l = exp(2 pi i l / L) on the unit circle.
     theta = torch.arange(L, dtype=u.dtype, device=u.device) * (2 * math.pi / L)
     omega = torch.polar(torch.ones_like(theta), theta)  # (L,)
     # Step 2: bilinear map to the imaginary axis with sampling period dt (at omega = -1: s ~ 1e16, omega' = -1).
     s = (omega - 1) / (omega + 1) / dt[..., None]  # (..., L)
     # Step 3: bilinear map back to the unit circle with period 1: the warped nodes omega'.
     omega_w = (1 + s) / (1 - s)  # (..., L)
-    # Step 4: the transfer function g_k = sum_i h_i omega'_k^(-i-1) at the warped nodes.
+    # Step 4: the transfer function g_l = sum_i h_i omega'_l^(-i-1) at the warped nodes.
     powers = -torch.arange(1, n + 1, device=u.device)  # (n,)
     g = (h[..., None, :] * omega_w[..., :, None] ** powers).sum(-1)  # (..., L)
     # Step 5: y = Re(iFFT(FFT(u) * g)), a circular convolution of length L.
@@ -72,7 +72,7 @@ def algorithm1(u, h, dt):
 # real here (the authors store complex h).
 
 def allpass(dt, nfft):
-    """b(z_k) at the rfft nodes z_k = exp(2 pi i k / nfft), k = 0..nfft//2: dt (H,) -> complex (H, nfft//2 + 1)."""
+    """b(z_l) at the rfft nodes z_l = exp(2 pi i l / nfft), l = 0..nfft//2: dt (H,) -> complex (H, nfft//2 + 1)."""
     a = ((1 - dt) / (1 + dt))[:, None]  # (H, 1)
     z_inv = torch.exp(-2j * math.pi * torch.fft.rfftfreq(nfft, dtype=dt.dtype, device=dt.device))  # (nfft//2 + 1,)
     return (z_inv - a) / (1 - a * z_inv)
@@ -84,7 +84,7 @@ def allpass_sum(coef, b):
 
 
 def naive_transfer(h, dt, nfft):
-    """G_dt(z_k) = sum_m g_m b^m, g = [0, h], at the rfft nodes of length nfft: (H, nfft//2 + 1). With nfft = L it
+    """G_dt(z_l) = sum_m g_m b^m, g = [0, h], at the rfft nodes of length nfft: (H, nfft//2 + 1). With nfft = L it
     is Algorithm 1's g (the upper half of its nodes are the conjugates, as h is real)."""
     return allpass_sum(F.pad(h, (1, 0)), allpass(dt, nfft))
 
@@ -125,7 +125,7 @@ def naive_kernel(h, dt, L):
     return torch.stack(k, 1), x
 
 
-# The FFT route needs the spectrum at the 2L-th roots of unity z_k = exp(i pi k / L), but G there is the spectrum of
+# The FFT route needs the spectrum at the 2L-th roots of unity z_l = exp(i pi l / L) (l: the node; k: the kernel), but G there is the spectrum of
 # the response *folded* with period 2L, sum_m k[t + 2L m], and the memory n/dt often reaches far beyond 2L (n = 64,
 # dt = 1e-3: 64,000 steps). So split the response at L: G(z) = K_L(z) + z^-L R(z), with K_L = sum_{t<L} k[t] z^-t
 # (wanted) and the tail R = sum_t k[L + t] z^-t. At the nodes z_k^-L = (-1)^k: K_L(z_k) = G(z_k) - (-1)^k R(z_k).
@@ -137,7 +137,7 @@ def naive_kernel(h, dt, L):
 #     R = sum_i h_i R_(i+1) = (1 + a b) sum_j E_j b^j,   E_j = sum_{i>=j} h_i p_(i-j) = sum_k h_(j+k) p_k,
 # so E = Hank(h) p: the paper's Hankel matrix maps the state to the future output. R is a polynomial in b again,
 # R = sum_{j=0..n} q_j b^j with q_j = E_j + a E_(j-1) (E_(-1) = E_n = 0). So K_L at the nodes is the same all-pass
-# sum as G, with coefficients [0, h] - (-1)^k q.
+# sum as G, with coefficients [0, h] - (-1)^l q.
 
 def hankel(h):
     """The n-by-n Hankel matrices [h_(i+j)] (0 for i + j >= n) of h (H, n): (H, n, n), a view of the padded h."""
@@ -158,7 +158,7 @@ def naive_tail(h, dt, L):
 
 def naive_kernel_spectrum(h, dt, L):
     """K_L(z_k) = G(z_k) - (-1)^k R(z_k), k = 0..L: the rfft of [k[0..L-1], 0 (L times)], (H, L + 1)."""
-    sign = 1 - 2 * (torch.arange(L + 1, device=h.device) % 2)  # (-1)^k
+    sign = 1 - 2 * (torch.arange(L + 1, device=h.device) % 2)  # (-1)^l
     return naive_transfer(h, dt, 2 * L) - sign * allpass_sum(naive_tail(h, dt, L), allpass(dt, 2 * L))
 
 
@@ -179,17 +179,17 @@ Circle = collections.namedtuple("Circle", "L Q zeta az wN scale")
 
 
 def _circle(a, L, n):
-    """Q(zeta) at zeta_l = rho exp(2 pi i l / M), l = 0..M/2 (the rest are conjugates), a (H, 1) float64: a Circle with
+    """Q(zeta) at the points zeta = rho exp(2 pi i j / M), j = 0..M/2 (the rest are conjugates), a (H, 1) float64: a Circle with
     Q (H, M/2 + 1) and what dQ/da needs: zeta, 1 + a zeta, w^(L-2) and scale = rho^i (i < n). M = 8n, rho = 10^(-2/n):
     aliases rho^M = 1e-16; dividing by rho^i magnifies round-off by at most rho^-n = 100, hence float64."""
     M, rho = 8 * n, 10 ** (-2 / n)
-    l = torch.arange(M // 2 + 1, dtype=torch.float64, device=a.device)
-    zeta = torch.polar(torch.full_like(l, rho), l * (2 * math.pi / M))  # (M/2 + 1,)
+    j = torch.arange(M // 2 + 1, dtype=torch.float64, device=a.device)
+    zeta = torch.polar(torch.full_like(j, rho), j * (2 * math.pi / M))  # (M/2 + 1,)
     az = a * zeta + 1  # (H, M/2 + 1)
     w = (a + zeta) / az
     wN = torch.polar(w.abs() ** max(L - 2, 0), w.angle() * max(L - 2, 0))  # w^(L-2) (w may be 0); no complex pow: slow
     Q = (wN * w if L > 1 else 1) / az  # w^(L-1) / (1 + a zeta)
-    return Circle(L, Q, zeta, az, wN, rho ** l[:n])
+    return Circle(L, Q, zeta, az, wN, rho ** j[:n])
 
 
 def _series_mul(f, circle):
@@ -225,12 +225,12 @@ def _tail_series_adjoint(dE, hhat, circle, with_da):
 # 4. The fast spectrum --------------------------------------------------------------------------------------------
 
 def _warp(log_dt, nfft, groups):
-    """psi = arg omega' (H, N, G) at the rfft nodes theta = 2 pi k / nfft, and a (H, 1, 1): tanh(-log dt / 2) is
+    """psi = arg omega' (H, N, G) at the rfft nodes theta = 2 pi l / nfft, and a (H, 1, 1): tanh(-log dt / 2) is
     (1 - dt) / (1 + dt) without forming dt.
 
     omega' = omega conj(c) / c with c = 1 - a omega, and arg(conj(c) / c) = -2 arg c, so b = exp(-i psi) with
     psi = theta + 2 atan2(a sin theta, 1 - a cos theta): no singularity, and float64 keeps a small dt's digits.
-    Node k = G i + g sits at [i, g]: the exact kernel's even and odd nodes (G = 2) get their own columns."""
+    Node l = G i + g sits at [i, g]: the exact kernel's even and odd nodes (G = 2) get their own columns."""
     N = nfft // (2 * groups) + 1
     theta = torch.arange(groups * N, dtype=log_dt.dtype, device=log_dt.device).view(N, groups) * (2 * math.pi / nfft)
     a = torch.tanh(log_dt * -0.5)[:, None, None]  # (H, 1, 1)
@@ -254,7 +254,7 @@ def _exp_i(base, step, count, offset):
 # Blocked powers: split m = c j + r (c ~ sqrt(n) powers per block, J blocks), so b^m = b^r beta^j with beta = b^c and
 # P = sum_m coef_m b^m = sum_r b^r U_r, U_r = sum_j coef_(cj+r) beta^j: one batched matmul, one product and one sum over
 # c + J tables of angles instead of n powers. Node groups: the exact kernel's coefficients differ on even and odd nodes
-# (g - q and g + q, section 3), so with G = 2 groups node k = G i + g is evaluated in group g with that group's
+# (g - q and g + q, section 3), so with G = 2 groups node l = G i + g is evaluated in group g with that group's
 # coefficients; the plain transfer function has G = 1. A GPU in eager PyTorch pays one kernel launch per operation:
 # these are a few dozen, whatever n and L.
 
@@ -278,11 +278,11 @@ def _kernel_coef(h, a, circle, cJ):
 
 
 class _Spectrum(torch.autograd.Function):
-    """P_k = sum_m coef_m b_k^m at the rfft nodes of length nfft: the fast twin of naive_transfer (coef = [0, h],
+    """P_l = sum_m coef_m b_l^m at the rfft nodes of length nfft: the fast twin of naive_transfer (coef = [0, h],
     G = 1, nfft = L) and of naive_kernel_spectrum (coef = [0, h] -/+ q on even/odd nodes, G = 2, nfft = 2L).
 
     Backward, with PyTorch's convention for complex outputs (grad = dLoss/dRe P + i dLoss/dIm P for a real loss; see
-    "Autograd for Complex Numbers" in PyTorch's autograd notes): a real coef_m's gradient is Re sum_k grad_k conj(b_k^m),
+    "Autograd for Complex Numbers" in PyTorch's autograd notes): a real coef_m's gradient is Re sum_l grad_l conj(b_l^m),
     the same sum transposed; dt's follows from those alone, and the tail adds its adjoint. No autograd graph inside.
     """
 
@@ -308,7 +308,7 @@ class _Spectrum(torch.autograd.Function):
             b_r = _exp_i(base, -1, c, offset)  # (HG, c, N)
             ctx.save_for_backward(coef, a, b_r)
             P = torch.view_as_complex(U.view(H * G, c, N, 2)).mul_(b_r).sum(1)  # (HG, N)
-            # node k = G i + g back in the order of k, cut to the nfft//2 + 1 rfft nodes
+            # node l = G i + g back in the order of l, cut to the nfft//2 + 1 rfft nodes
             return P.view(H, G, N).transpose(1, 2).reshape(H, G * N)[:, :nfft // 2 + 1]  # (H, nfft//2 + 1)
 
     @staticmethod
@@ -317,7 +317,7 @@ class _Spectrum(torch.autograd.Function):
             (coef, a, b_r), (_, base_c, offset, c) = ctx.saved_tensors, ctx.nodes
             (H, G, cJ), N = coef.shape, b_r.shape[2]
             grad = F.pad(grad, (0, G * N - grad.shape[1])).view(H, N, G).transpose(1, 2)  # (H, G, N): the groups
-            # dcoef_(cj+r) = Re sum_k grad_k conj(beta^j b^r)_k: T = grad conj(beta^j) (remade, not kept: the
+            # dcoef_(cj+r) = Re sum_l grad_l conj(beta^j b^r)_l: T = grad conj(beta^j) (remade, not kept: the
             # forward's peak stays c + J tables), then one real matmul pairs Re with Re and Im with Im.
             T = _exp_i(base_c, c, cJ // c, offset).view(H, G, -1, N).mul_(grad[:, :, None])  # (H, G, J, N)
             T, b_r = torch.view_as_real(T).view(H * G, -1, 2 * N), torch.view_as_real(b_r).view(H * G, c, 2 * N)
@@ -384,23 +384,24 @@ def two_sided(K, L):
     """The rfft (length 2L) of y[t] = sum_{s<=t} k_fwd[t - s] u[s] + sum_{s>t} k_bwd[s - t - 1] u[s], from the causal
     spectra K (2H, L + 1) of k_fwd (rows :H) and k_bwd (rows H:) -> (H, L + 1). k_bwd[j] acts at lag t - s = -(j + 1),
     so its spectrum is sum_j k_bwd[j] z^(j+1) = z conj(K_bwd(z)) (k_bwd real, |z| = 1): lag 2L - j - 1 mod 2L."""
-    H, k = len(K) // 2, torch.arange(L + 1, dtype=K.real.dtype, device=K.device)
-    return K[:H] + torch.polar(torch.ones_like(k), k * (math.pi / L)) * K[H:].conj()  # z_k = exp(2 pi i k / 2L)
+    H, l = len(K) // 2, torch.arange(L + 1, dtype=K.real.dtype, device=K.device)
+    return K[:H] + torch.polar(torch.ones_like(l), l * (math.pi / L)) * K[H:].conj()  # z_l = exp(2 pi i l / 2L)
 
 
 # 6. State in and out: convolution and recurrence, switchable ---------------------------------------------------
 # To generate, a layer runs a prompt as one convolution, then step(); a long stream runs as chunks, each continuing
 # from the last one's state. By linearity a chunk is what its input does from the zero state plus what its starting
-# state x does under zero input, and section 3 gives both exactly, with no loop over t (beta_m: b^m's impulse response):
+# state x does under zero input, and section 3 gives both exactly, with no loop over t (d_m = b^m delta, the impulse
+# response of m sections):
 # (1) L zero-input steps take x to A^L x, whose entry m, the coefficient of z^-(L-1) in R_m, collects from each
-#     (1 + a b) b^i of R_m the value beta_i[L-1] + a beta_(i+1)[L-1] = (1 - a^2) Q_i (the shift identity), so
+#     (1 + a b) b^i of R_m the value d_i[L-1] + a d_(i+1)[L-1] = (1 - a^2) Q_i (the shift identity), so
 #         (A^L x)_m = sum_{i<m} Q_(m-1-i) v_i,   v_i = x_i + a x_(i+1):   the product of series V(zeta) Q(zeta).
 #     L = 1 gives Q_k = (-a)^k: cascade_step's T.
 # (2) The output from x is free_response's sum_j q_j(x) b^j; its tail beyond L is the output from A^L x, so cut to L
-#     samples like the kernel its spectrum at the 2L nodes is sum_j (q_j(x) - (-1)^k q_j(A^L x)) b_k^j.
-# (3) The input leaves x_m = sum_t u[t] beta_m[L-1-t]. By Parseval with the reversed input, f_m = Re sum_k
-#     rfft(flip u)_k conj(b_k^m) / 2L over the 2L nodes (the inner rfft bins stand for k and 2L - k) is that sum with
-#     beta_m folded at period 2L, and a folded term beta_m[. + 2Lp] is the same state advanced 2Lp steps:
+#     samples like the kernel its spectrum at the 2L nodes is sum_j (q_j(x) - (-1)^l q_j(A^L x)) b_l^j.
+# (3) The input leaves x_m = sum_t u[t] d_m[L-1-t]. By Parseval with the reversed input, f_m = Re sum_l
+#     rfft(flip u)_l conj(b_l^m) / 2L over the 2L nodes (the inner rfft bins stand for l and 2L - l) is that sum with
+#     d_m folded at period 2L, and a folded term d_m[. + 2Lp] is the same state advanced 2Lp steps:
 #     f = sum_p A^(2Lp) x, so x = f - A^2L f.
 
 def _advance(x, a, circle):
@@ -495,10 +496,10 @@ class HOPE(nn.Module):
         a, N = a[:, 0], nodes[0].shape[2]  # (H, 1) float64
         circle = _circle(a, L, n)
         powers = torch.view_as_real(_powers(nodes, n + 1)).view(2 * H, n + 1, 2 * N)  # (2H, n + 1, 2N)
-        X = torch.fft.rfft(u.flip(-1), n=2 * L, norm="forward")  # (B, H, L + 1): rfft(flip u) / 2L
-        X[..., 1:L].mul_(2)  # the bins that stand for two
-        X = F.pad(X, (0, 2 * N - L - 1)).view(B, H, N, 2).permute(1, 3, 0, 2).reshape(2 * H, B, N)  # (H 2, B, N)
-        f = torch.view_as_real(X).view(2 * H, B, 2 * N) @ powers.mT  # (2H, B, n + 1): Re sum_k X_k conj(b_k^m)
+        Ur = torch.fft.rfft(u.flip(-1), n=2 * L, norm="forward")  # (B, H, L + 1): rfft(flip u) / 2L
+        Ur[..., 1:L].mul_(2)  # the bins that stand for two
+        Ur = F.pad(Ur, (0, 2 * N - L - 1)).view(B, H, N, 2).permute(1, 3, 0, 2).reshape(2 * H, B, N)  # (H 2, B, N)
+        f = torch.view_as_real(Ur).view(2 * H, B, 2 * N) @ powers.mT  # (2H, B, n + 1): Re sum_l Ur_l conj(b_l^m)
         f = f.view(H, 2, B, n + 1).sum(1).transpose(0, 1)  # (B, H, n + 1)
         coef = _kernel_coef(h, a.to(h.dtype), circle, n + 1)[0][:, :, None]  # (H, 2, 1, n + 1)
         x_L, f_L = _advance(torch.stack([f if x is None else x, f]), a, circle)  # (B, H, n + 1) each: A^L x, A^L f
@@ -509,7 +510,7 @@ class HOPE(nn.Module):
             free = torch.addcmul(q[0, :, :, None], sign, q[1, :, :, None]).permute(1, 2, 0, 3)  # (H, 2, B, n + 1)
             coef = torch.cat([coef, free.to(h.dtype)], 2)  # (H, 2, 1 + B, n + 1)
         P = torch.view_as_complex((coef.view(2 * H, -1, n + 1) @ powers).view(H, 2, -1, N, 2))  # (H, 2, 1 (+ B), N)
-        P = P.permute(2, 0, 3, 1).reshape(-1, H, 2 * N)[..., :L + 1]  # (1 (+ B), H, L + 1): node k = 2 i + g in order
+        P = P.permute(2, 0, 3, 1).reshape(-1, H, 2 * N)[..., :L + 1]  # (1 (+ B), H, L + 1): node l = 2 i + g in order
         Y = torch.fft.rfft(u, n=2 * L) * P[0]  # (B, H, L + 1): the kernel's convolution
         y = torch.fft.irfft(Y if x is None else Y + P[1:], n=2 * L)[..., :L]  # (B, H, L): plus the free response
         return y, x_end.to(u.dtype)
