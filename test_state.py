@@ -309,3 +309,11 @@ def test_hope_state_route_launches():
                 call()
             counts.append(sum(count.ops.values()))
     assert counts[1] <= 2 * counts[0], counts
+
+
+def test_readme_generation_snippet_runs():
+    """README section 3's example (a prompt through forward with its state, then step(), then a chunked stream
+    checked against one pass) runs as written."""
+    readme = open(__file__.replace("test_state.py", "README.md")).read()
+    code = readme.split("<!-- generation -->\n```python\n")[1].split("```")[0]
+    exec(compile(code, "README.md", "exec"), {})
