@@ -5,7 +5,8 @@
                                  # the table is printed, a note says so, and the exit status is 0
 
 Table: one row per setting (task, dt fixed or how it was trained), test accuracy at the best validation epoch, mean over the
-seeds and each seed, and seconds per epoch (mean over the epochs of the setting's runs).
+seeds and each seed, seconds per epoch (mean over the epochs of the setting's runs) and the commit(s) whose code made
+the row's runs ("code" in their config.json).
 Figures:
 1. impulse_responses.png: |kernel| of a freshly initialized HOPE and S4D layer (128 channels,
    dt = 0.1, n = N = 64, float64) over 2048 steps: median and 10-90% band over the channels.
@@ -64,7 +65,8 @@ def grouped(runs):
 
 def table(runs):
     """The README's results table (Markdown), from the runs' metrics."""
-    lines = ["| task | dt | HOPE, test % | S4D-Lin, test % | s / epoch, HOPE and S4D |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| task | dt | HOPE, test % | S4D-Lin, test % | s / epoch, HOPE and S4D | code |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for (task, dt), models in grouped(runs).items():
         cells, seconds = [], []
         for model in ("hope", "s4d"):
@@ -73,7 +75,10 @@ def table(runs):
             cells.append(f"{statistics.mean(accs):.1f}{each}" if accs else "-")
             times = [row["seconds"] for r in models.get(model, []) for row in r["rows"]]
             seconds.append(f"{statistics.mean(times):.0f}" if times else "-")
-        lines.append(f"| {task} | {dt if isinstance(dt, str) else f'{dt:g}, fixed'} | {cells[0]} | {cells[1]} | {', '.join(seconds)} |")
+        code = sorted({r["config"]["code"][:7] + "+dirty" * r["config"]["code"].endswith("+dirty")
+                       for rs in models.values() for r in rs})
+        lines.append(f"| {task} | {dt if isinstance(dt, str) else f'{dt:g}, fixed'} | {cells[0]} | {cells[1]} | "
+                     f"{', '.join(seconds)} | {', '.join(code)} |")
     return "\n".join(lines)
 
 
@@ -163,7 +168,8 @@ def folded_kernel(plt, path, n=64, L=1024, dt=0.01):
 
 
 def dt_sweep(plt, path, runs):
-    """Test accuracy against fixed dt (a line through the seed means); trained dt at the right edge."""
+    """Test accuracy against fixed dt: every seed (dots), the mean (a dash, and a line through the means); trained dt
+    at the right edge (stars and the mean's dash)."""
     groups = grouped(runs)
     fixed = sorted({dt for _, dt in groups if not isinstance(dt, str)})
     x_trained = fixed[-1] * 4  # one slot right of the largest fixed dt
@@ -177,8 +183,10 @@ def dt_sweep(plt, path, runs):
                 if not accs:
                     continue
                 trained = isinstance(dt, str)
-                ax.plot([x_trained if trained else dt] * len(accs), accs, marker="*" if trained else "o",
+                x = x_trained if trained else dt
+                ax.plot([x] * len(accs), accs, marker="*" if trained else "o",
                         ms=10 if trained else 5, ls="none", **{k: v for k, v in style.items() if k != "ls"})
+                ax.plot([x], [statistics.mean(accs)], marker="_", ms=14, mew=2, color=COLORS[model])  # the mean
                 if not trained:
                     xs.append(dt)
                     means.append(statistics.mean(accs))

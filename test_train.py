@@ -627,21 +627,22 @@ def test_end_to_end_preset_on_grayscale_cifar(tmp_path, monkeypatch):
 
 
 def test_results_table_uses_the_best_validation_epoch(tmp_path):
-    """figures.py's table: test accuracy at the first epoch with the best validation accuracy, seed means."""
+    """figures.py's table: test accuracy at the first epoch with the best validation accuracy, seed means, the commits."""
     import figures
     runs = {"hope-a": ("hope", 0, [(0.5, 0.6, 10), (0.7, 0.7, 20)]), "hope-b": ("hope", 1, [(0.8, 0.8, 10), (0.8, 0.9, 20)]),
             "s4d-a": ("s4d", 0, [(0.4, 0.6, 30)]), "s4d-c": ("s4d", 0, [(0.4, 0.5, 30)]), "s4d-d": ("s4d", 0, [(0.4, 0.4, 30)])}
     for name, (model, seed, rows) in runs.items():
         os.makedirs(tmp_path / name)
         config = dict(model=model, seed=seed, no_noise=False, dt_min=0.001 if name == "s4d-c" else 0.1, dt_max=0.1,
-                      lr_dt=0.001 if name in ("s4d-c", "s4d-d") else 0.0, s4d_init="lin")  # d: trained from a fixed init
+                      lr_dt=0.001 if name in ("s4d-c", "s4d-d") else 0.0, s4d_init="lin",  # d: trained from a fixed init
+                      code=("0123456789abcdef" + "+dirty" * (name == "s4d-a")) if name != "hope-b" else "fedcba9876543210")
         (tmp_path / name / "config.json").write_text(json.dumps(config))
         (tmp_path / name / "metrics.jsonl").write_text("".join(
             json.dumps({"epoch": i + 1, "val_acc": v, "test_acc": t, "seconds": s}) + "\n" for i, (v, t, s) in enumerate(rows)))
     lines = figures.table(figures.load_runs(str(tmp_path))).splitlines()
-    assert lines[2] == "| noise-padded | 0.1, fixed | 75.0 (70.0, 80.0) | 60.0 | 15, 30 |"
-    assert lines[3] == "| noise-padded | trained (init log-uniform [0.001, 0.1], lr 0.001) | - | 50.0 | -, 30 |"
-    assert lines[4] == "| noise-padded | trained (init log-uniform [0.1, 0.1], lr 0.001) | - | 40.0 | -, 30 |"
+    assert lines[2] == "| noise-padded | 0.1, fixed | 75.0 (70.0, 80.0) | 60.0 | 15, 30 | 0123456, 0123456+dirty, fedcba9 |"
+    assert lines[3] == "| noise-padded | trained (init log-uniform [0.001, 0.1], lr 0.001) | - | 50.0 | -, 30 | 0123456 |"
+    assert lines[4] == "| noise-padded | trained (init log-uniform [0.1, 0.1], lr 0.001) | - | 40.0 | -, 30 | 0123456 |"
 
 
 def test_resume_keeps_the_config_and_records_each_session(tmp_path, capsys):
