@@ -92,11 +92,10 @@ def s4d_kernel(dt, A, C, L):
 def _kernel(dt, A, C, L):
     """s4d_kernel without checks, and what it is made of: k (H, or 2H when C holds the bidirectional rows that
     share A and dt), dA = exp(dt A) (H, N/2) and the Vandermonde table V = dA^l (H, N/2, L)."""
-    C = C.view(-1, *A.shape)  # (1 or 2, H, N/2)
     dtA = A * dt[:, None]  # (H, N/2)
     V = torch.exp(dtA[..., None] * torch.arange(L, device=A.device))  # (H, N/2, L)
     dA = torch.exp(dtA)
-    k = 2 * torch.einsum("chn,hnl->chl", C * (dA - 1) / A, V).real.flatten(0, 1)  # (cH, L)
+    k = 2 * torch.einsum("chn,hnl->chl", C.view(-1, *A.shape) * (dA - 1) / A, V).real.flatten(0, 1)  # (cH, L)
     return k, dA, V
 
 
@@ -148,20 +147,19 @@ class S4D(nn.Module):
                              f"pairs), got d_model={d_model}, d_state={d_state}")
         if real_param not in REAL_PARAMS:
             raise ValueError(f"real_param must be one of {tuple(REAL_PARAMS)}, got {real_param!r}")
-        H = d_model
-        self.H, self.real_param, self.bidirectional, self.transposed = H, real_param, bidirectional, transposed
-        log_dt = torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-        A, b_in = init_A(H, d_state, init)
-        C = torch.randn(2 if bidirectional else 1, H, d_state // 2, dtype=torch.complex128) * b_in  # (c, H, N/2)
+        self.H, self.real_param, self.bidirectional, self.transposed = d_model, real_param, bidirectional, transposed
+        log_dt = torch.rand(d_model) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        A, b_in = init_A(d_model, d_state, init)
+        C = torch.randn(2 if bidirectional else 1, d_model, d_state // 2, dtype=torch.complex128) * b_in  # (c, H, N/2)
         _register(self, "log_dt", log_dt, lr_dt)
         _register(self, "w", REAL_PARAMS[real_param][1](A.real).float(), lr)
         _register(self, "A_imag", A.imag.float(), lr)
         self.C = nn.Parameter(torch.view_as_real(C.flatten(0, 1).to(torch.complex64)))  # (cH, N/2, 2): optimizers want real
-        self.D = nn.Parameter(torch.randn(H))
+        self.D = nn.Parameter(torch.randn(d_model))
         self.activation = nn.GELU()
         self.dropout = nn.Dropout1d(dropout) if dropout > 0 else nn.Identity()
-        self.output_linear = nn.Sequential(nn.Conv1d(H, 2 * H, kernel_size=1), nn.GLU(dim=-2))
-        self._cache = None  # step()'s (key, (dA, dB, 2C))
+        self.output_linear = nn.Sequential(nn.Conv1d(d_model, 2 * d_model, kernel_size=1), nn.GLU(dim=-2))
+        self._cache = None  # step()'s (key, (dA, dB, 2C), params)
 
     def _system(self):
         A = torch.complex(REAL_PARAMS[self.real_param][0](self.w), self.A_imag)  # (H, N/2)
@@ -193,8 +191,7 @@ class S4D(nn.Module):
         the state passed on is forward over the whole. Causal layers only: a bidirectional one refuses both.
         A NaN or inf anywhere in u reaches every output, earlier ones included: the FFT mixes all positions.
         """
-        if not self.transposed:
-            u = u.transpose(-1, -2)  # (B, L, H) -> (B, H, L)
+        u = u if self.transposed else u.transpose(-1, -2)  # (B, L, H) -> (B, H, L)
         if u.ndim != 3 or u.shape[1] != self.H or not torch.is_floating_point(u) or u.shape[-1] < 1:
             raise ValueError(f"S4D expects a float tensor (B, H={self.H}, L) with L >= 1 (or (B, L, H) with "
                              f"transposed=False), got {u.dtype} {tuple(u.shape)}")
@@ -203,8 +200,7 @@ class S4D(nn.Module):
         k, dA, V = _kernel(dt, A, C, L)  # (H or 2H, L), (H, N/2), (H, N/2, L)
         if self.bidirectional:  # y[t] += sum_{s>t} k_bwd[s-t-1] u[s]: k_bwd[j] at lag -(j+1), i.e. 2L-j-1 on the circle
             k = torch.cat([k[:self.H], k[self.H:].flip(-1)], -1)  # (H, 2L); u is padded, so lags never wrap around
-        k_f = torch.fft.rfft(k, n=2 * L)  # (H, L + 1)
-        y = _FFTConv.apply(u, k_f, 2 * L)  # (B, H, L)
+        y = _FFTConv.apply(u, torch.fft.rfft(k, n=2 * L), 2 * L)  # (B, H, L), the kernel's spectrum (H, L + 1)
         if state is not None:  # the response to the state alone: y[t] += 2 Re sum_n C_n dA_n^(t+1) x_n
             y = y + 2 * torch.einsum("bhn,hnl->bhl", C * dA * state, V).real
         y = self._block(y, u)
@@ -215,8 +211,7 @@ class S4D(nn.Module):
         return y, final if state is None else final + dA * V[..., -1] * state  # + dA^L x
 
     def _block(self, y, u):
-        y = self.dropout(self.activation(y + self.D[:, None] * u))
-        return self.output_linear(y)  # (B, H, L)
+        return self.output_linear(self.dropout(self.activation(y + self.D[:, None] * u)))  # (B, H, L)
 
     def default_state(self, batch):
         """Zero state (B, H, N/2), complex."""
@@ -226,8 +221,7 @@ class S4D(nn.Module):
         """step()'s dA, dB, 2C (H, N/2), computed once per parameter values (in-place updates bump _version)."""
         params = (self.log_dt, self.w, self.A_imag, self.C)
         key = [(id(p), p._version, p.data_ptr(), p.device, p.dtype) for p in params], torch.is_inference_mode_enabled()
-        # Cached only while no gradient can reach the parameters: a cached tensor that carries an autograd graph
-        # is unusable once a backward has freed that graph, so with gradients on it is recomputed on each call.
+        # Cached only while no gradient can reach the parameters: a backward frees a cached tensor's autograd graph.
         cacheable = not torch.is_grad_enabled() or not any(p.requires_grad for p in params)
         if not (cacheable and self._cache is not None and self._cache[0] == key):
             dt, A, C = self._system()
