@@ -20,9 +20,14 @@ Kernel rows (H, L = 128, 2048 at --size paper; h and dt both get gradients): hop
 spectrum at the 2L nodes, what the causal layer uses; G2L = the plain transfer function G at the
 same nodes (the circular mode's evaluation, the exact kernel's lower bound); literal = Algorithm 1's
 steps 1-4 as one (H, L, n) complex tensor, then iFFT (the authors' form); s4d = S4D's kernel.
-Layer rows: one layer (d_state 64), forward + backward. recurrent-T rows: T step() calls (the first T outputs
-one at a time, no gradients; T = 1,000 at --size paper) next to forward-T, one forward pass over the same T
-samples. Step rows: one training step of the 4 x 128 model (forward, backward, AdamW).
+Layer rows: one layer (d_state 64), forward + backward. recurrent-T rows: T step() calls from the zero state (the
+first T outputs one at a time, no gradients; T = 1,000 at --size paper) next to forward-T, one forward pass over the
+same T samples. State rows (issue 26; one layer, d_state 64, no gradients, at batch 1 and 8 as their names say with
+-B1 and -B8): forward-L-<layer>-B<b> is forward(u) over L samples, forward-L-<layer>-B<b>-state-in-out the same with a
+random starting state and return_state=True (the target: at most 2x the launches, 2.5x the time); a prompt of T
+samples, recurrent-T-<layer>-B1 (T step() calls) next to forward-T-<layer>-B1-state-out (one forward(u[..., :T],
+return_state=True), the state step() would hold after it). Rows without -B<b> run at the layer rows' batch.
+Step rows: one training step of the 4 x 128 model (forward, backward, AdamW).
 A new kind of row is a branch of case() (its name says what it runs), a name in row_names() and, for a
 comparison, a line in ratios().
 """
@@ -50,6 +55,7 @@ SIZES = {  # H channels, L steps, T step() calls, the training step's model dept
     "paper": dict(H=128, L=2048, T=1000, n_layers=4),
     "tiny": dict(H=4, L=32, T=10, n_layers=1),  # seconds for every row: for the test that bench.py still runs
 }
+STATE_BATCHES = (1, 8)  # the state rows' batches (issue 26), at every size: at H = 4, L = 32 batch 8 is tiny too
 
 
 def literal_kernel(h, dt, L):
@@ -106,15 +112,19 @@ def case(name, device, batch, size=SIZES["paper"]):
         u = torch.randn(batch, H, L, device=device, requires_grad=True)
         forward = torch.compile(layer, fullgraph=True) if name.endswith("-compile") else layer
         return lambda: forward(u).square().mean().backward()
-    if name.startswith(("recurrent-", "forward-")):  # <recurrent|forward>-<T>-<hope|s4d>: inference, no gradients
-        T = int(name.split("-")[1])
-        layer = (HOPE if name.endswith("hope") else S4D)(H, 64).to(device).eval()
+    if name.startswith(("recurrent-", "forward-")):  # inference, no gradients:
+        # <recurrent|forward>-<T>-<hope|s4d>[-B<batch>][-state-out|-state-in-out], T samples; recurrent: step() calls
+        kind, T, model, *rest = name.split("-")
+        T, batch = int(T), int(rest.pop(0)[1:]) if rest and rest[0].startswith("B") else batch
+        mode = "-".join(rest)  # "": forward(u); state-out: forward(u, return_state=True); state-in-out: and a state
+        layer = (HOPE if model == "hope" else S4D)(H, 64).to(device).eval()
         u = torch.randn(batch, H, T, device=device)
+        start = torch.randn_like(layer.default_state(batch)) if mode == "state-in-out" else None  # any state will do
 
         @torch.no_grad()
         def run():
-            if name.startswith("forward"):
-                return layer(u)
+            if kind == "forward":
+                return layer(u, start, return_state=True) if mode else layer(u)
             state = layer.default_state(batch)
             for t in range(T):
                 _, state = layer.step(u[..., t], state)
@@ -145,17 +155,22 @@ def case(name, device, batch, size=SIZES["paper"]):
 
 def row_names(size, compile):
     """The rows by group; each group is timed round-robin."""
-    T, compiled = size["T"], ["layer-hope-compile", "layer-s4d-compile", "step-hope-compile", "step-s4d-compile"] * compile
+    T, L, compiled = size["T"], size["L"], ["layer-hope-compile", "layer-s4d-compile", "step-hope-compile",
+                                            "step-s4d-compile"] * compile
     return {"kernel": ["kernel-hope-n64", "kernel-hope-n128", "kernel-G2L-n64", "kernel-G2L-n128", "kernel-literal-n64",
                        "kernel-literal-n128", "kernel-s4d-n64"],
             "layer": ["layer-hope", "layer-s4d"] + compiled[:2],
-            "recurrent": [f"recurrent-{T}-hope", f"recurrent-{T}-s4d", f"forward-{T}-hope", f"forward-{T}-s4d"],
+            "recurrent": [f"recurrent-{T}-hope", f"recurrent-{T}-s4d", f"forward-{T}-hope", f"forward-{T}-s4d",
+                          f"recurrent-{T}-hope-B1", f"recurrent-{T}-s4d-B1", f"forward-{T}-hope-B1-state-out",
+                          f"forward-{T}-s4d-B1-state-out"],
+            "state": [f"forward-{L}-{model}-B{b}{mode}" for b in STATE_BATCHES for model in ("hope", "s4d")
+                      for mode in ("", "-state-in-out")],
             "step": ["step-hope-fp32", "step-s4d-fp32", "step-hope-bf16", "step-s4d-bf16"] + compiled[2:]}
 
 
 def ratios(rows, size, compile):
     """{label: rows[a][field] / rows[b][field]}: the comparisons the README quotes."""
-    T = size["T"]
+    T, L = size["T"], size["L"]
     pairs = [("exact/G2L time, n=64", "kernel-hope-n64", "kernel-G2L-n64", "ms"),
              ("exact/G2L time, n=128", "kernel-hope-n128", "kernel-G2L-n128", "ms"),
              ("exact/G2L memory, n=128", "kernel-hope-n128", "kernel-G2L-n128", "peak_mib"),
@@ -173,6 +188,13 @@ def ratios(rows, size, compile):
              ("HOPE/S4D step time, fp32", "step-hope-fp32", "step-s4d-fp32", "ms"),
              ("HOPE/S4D step time, bf16", "step-hope-bf16", "step-s4d-bf16", "ms"),
              ("bf16/fp32 step time, HOPE", "step-hope-bf16", "step-hope-fp32", "ms")]
+    fields = ("launches", "launches"), ("ms", "time")
+    for model, label in ("hope", "HOPE"), ("s4d", "S4D"):  # issue 26: a state in and out, and a prompt before step()
+        pairs += [(f"forward(u, state, return_state=True) / forward(u) {what}, {label}, B={b}",
+                   f"forward-{L}-{model}-B{b}-state-in-out", f"forward-{L}-{model}-B{b}", field)
+                  for field, what in fields for b in STATE_BATCHES]
+        pairs += [(f"{T} step() / forward(u[..., :{T}], return_state=True) {what}, {label}, B=1",
+                   f"recurrent-{T}-{model}-B1", f"forward-{T}-{model}-B1-state-out", field) for field, what in fields]
     pairs += [("compile/eager layer time, HOPE", "layer-hope-compile", "layer-hope", "ms"),
               ("compile/eager layer time, S4D", "layer-s4d-compile", "layer-s4d", "ms"),
               ("compile/eager step time, HOPE", "step-hope-compile", "step-hope-fp32", "ms"),
@@ -273,9 +295,10 @@ def main(argv=None):
           f"bf16 rows: autocast for the dense parts; median of {reps} runs after warm-up")
     H, L = size["H"], size["L"]
     print(f"size {args.size}: kernel rows: H = {H}, L = {L}; layer and step rows: batch {batch}, L = {L}, d_model {H}"
-          f"{'' if batch == 64 else ' (the paper trains at batch 64; smaller here to fit a CPU session)'}\n")
+          f"{'' if batch == 64 else ' (the paper trains at batch 64; smaller here to fit a CPU session)'}; "
+          f"recurrent and forward rows: no gradients, d_model {H}, batch {batch} unless the name says -B<batch>\n")
     groups = row_names(size, args.compile)
-    print(f"{'case':28s} {'ms':>10s} {'launches':>9s} {'peak MiB':>10s} {'samples/s':>10s} {'s/epoch (45k)':>14s}")
+    print(f"{'case':34s} {'ms':>10s} {'launches':>9s} {'peak MiB':>10s} {'samples/s':>10s} {'s/epoch (45k)':>14s}")
     ms, rows = {}, {}
     for group in groups.values():
         ms.update(time_ms({name: case(name, device, batch, size) for name in group}, device, 2 if not cuda else 5, reps))
@@ -289,11 +312,12 @@ def main(argv=None):
             row["epoch_s"] = 45000 / row["samples_per_s"]
             extra = f"{row['samples_per_s']:10.0f} {row['epoch_s']:14.1f}"
         rows[case_name] = row
-        print(f"{case_name:28s} {row['ms']:10.2f} {'-' if count is None else count:>9} {mb:10.1f} {extra}", flush=True)
+        print(f"{case_name:34s} {row['ms']:10.2f} {'-' if count is None else count:>9} {mb:10.1f} {extra}", flush=True)
     quotients = ratios(rows, size, args.compile)
     print("\nratios")
+    width = max(map(len, quotients))
     for k, v in quotients.items():
-        print(f"  {k:32s} {'-' if v is None else f'{v:6.2f}':>6s}")
+        print(f"  {k:{width}s} {'-' if v is None else f'{v:6.2f}':>6s}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "torch": torch.__version__, "size": args.size, "batch": batch, "reps": reps,

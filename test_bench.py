@@ -38,9 +38,21 @@ def test_every_row_runs_at_tiny_size_and_keeps_the_published_rows(tmp_path, monk
     for value in result["ratios"].values():
         assert value is None or (math.isfinite(value) and value > 0)  # None: a peak of 0 MiB, possible at this size
     published = json.load(open(os.path.join(HERE, "results", "bench_cpu.json")))
-    tiny = lambda name: name.replace("1000", str(bench.SIZES["tiny"]["T"]))  # noqa: E731
+    T, L = bench.SIZES["tiny"]["T"], bench.SIZES["tiny"]["L"]
+    tiny = lambda name: name.replace("1000", str(T)).replace("2048", str(L))  # noqa: E731
     assert {tiny(k) for k in published["rows"]} <= set(result["rows"])
     assert {tiny(k) for k in published["ratios"]} <= set(result["ratios"])
+    # issue 26's rows at tiny size (T = 10, L = 32), whether or not results/bench_cpu.json has them yet: forward(u) vs
+    # forward(u, state, return_state=True) at batch 1 and 8, and a prompt through step() vs forward(return_state=True)
+    models = (("hope", "HOPE"), ("s4d", "S4D"))
+    assert {f"forward-32-{m}-B{b}{s}" for m, _ in models for b in (1, 8) for s in ("", "-state-in-out")} \
+        | {f"{r}-10-{m}-B1{s}" for m, _ in models for r, s in (("recurrent", ""), ("forward", "-state-out"))} \
+        <= set(result["rows"])
+    assert {f"forward(u, state, return_state=True) / forward(u) {what}, {label}, B={b}"
+            for _, label in models for what in ("launches", "time") for b in (1, 8)} \
+        | {f"10 step() / forward(u[..., :10], return_state=True) {what}, {label}, B=1"
+           for _, label in models for what in ("launches", "time")} <= set(result["ratios"])
+    assert all(result["ratios"][k] is not None for k in result["ratios"] if "state" in k)  # times and launches: never 0
 
 
 def test_peak_memory_child_runs_in_a_fresh_process():
