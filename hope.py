@@ -20,6 +20,7 @@ Glossary (code name = paper symbol: meaning)
     q  (H, n+1)  the kernel's tail beyond L as a polynomial in b, R = sum_j q_j b^j                     (section 3)
 
     x  (B, H, n+1) the recurrent state, x_m = (b^m u)[t - 1]: the input through m all-pass sections      (section 2)
+    A            the cascade's one-step matrix under zero input, x' = A x                                    (section 6)
 
 Reading map. Each fast function comes after its naive twin (the math as written, for reading and for the tests,
 never on the layer's path); test_hope.py and test_state.py check each pair against an independent ground truth.
@@ -84,7 +85,7 @@ def allpass_sum(coef, b):
 
 
 def naive_transfer(h, dt, nfft):
-    """G_dt(z_l) = sum_m g_m b^m, g = [0, h], at the rfft nodes of length nfft: (H, nfft//2 + 1). With nfft = L it
+    """G_dt(z_l) = sum_m [0, h]_m b^m at the rfft nodes of length nfft: (H, nfft//2 + 1). With nfft = L it
     is Algorithm 1's g (the upper half of its nodes are the conjugates, as h is real)."""
     return allpass_sum(F.pad(h, (1, 0)), allpass(dt, nfft))
 
@@ -128,13 +129,14 @@ def naive_kernel(h, dt, L):
 # The FFT route needs the spectrum at the 2L-th roots of unity z_l = exp(i pi l / L) (l: the node; k: the kernel), but G there is the spectrum of
 # the response *folded* with period 2L, sum_m k[t + 2L m], and the memory n/dt often reaches far beyond 2L (n = 64,
 # dt = 1e-3: 64,000 steps). So split the response at L: G(z) = K_L(z) + z^-L R(z), with K_L = sum_{t<L} k[t] z^-t
-# (wanted) and the tail R = sum_t k[L + t] z^-t. At the nodes z_k^-L = (-1)^k: K_L(z_k) = G(z_k) - (-1)^k R(z_k).
+# (wanted) and the tail R = sum_t k[L + t] z^-t. At the nodes z_l^-L = (-1)^l: K_L(z_l) = G(z_l) - (-1)^l R(z_l).
 # The tail is the response to zero input from the state x that naive_kernel ends in. Let R_m be the z-transform of
 # section m's output from any state x under zero input (R_0 = 0). The recurrence, whose terms at t = -1 are the
-# state, transforms to (1 - a z^-1) R_m - a x_m = (z^-1 - a) R_(m-1) + x_(m-1), so with v_j = x_j + a x_(j+1),
-#     R_m = b R_(m-1) + v_(m-1) / (1 - a z^-1),   and   1 / (1 - a z^-1) = (1 + a b) / (1 - a^2).
-# Unrolled, R_(i+1) = (1 + a b) sum_{j<=i} p_(i-j) b^j with p = v / (1 - a^2); weighted by h,
-#     R = sum_i h_i R_(i+1) = (1 + a b) sum_j E_j b^j,   E_j = sum_{i>=j} h_i p_(i-j) = sum_k h_(j+k) p_k,
+# state, transforms to (1 - a z^-1) R_m - a x_m = (z^-1 - a) R_(m-1) + x_(m-1), so with cascade_step's v_m = x_(m-1) +
+# a x_m (the part of section m's next input that the state holds),
+#     R_m = b R_(m-1) + v_m / (1 - a z^-1),   and   1 / (1 - a z^-1) = (1 + a b) / (1 - a^2).
+# Unrolled, R_(i+1) = (1 + a b) sum_{j<=i} p_(i-j) b^j with p_i = v_(i+1) / (1 - a^2); weighted by h,
+#     R = sum_i h_i R_(i+1) = (1 + a b) sum_j E_j b^j,   E_j = sum_{i>=j} h_i p_(i-j) = sum_i h_(j+i) p_i,
 # so E = Hank(h) p: the paper's Hankel matrix maps the state to the future output. R is a polynomial in b again,
 # R = sum_{j=0..n} q_j b^j with q_j = E_j + a E_(j-1) (E_(-1) = E_n = 0). So K_L at the nodes is the same all-pass
 # sum as G, with coefficients [0, h] - (-1)^l q.
@@ -146,7 +148,7 @@ def hankel(h):
 
 def free_response(h, a, x):
     """q (..., H, n + 1): the output from state x (..., H, n + 1) under zero input is sum_j q_j b^j; a (H, 1)."""
-    p = torch.addcmul(x[..., :-1], a, x[..., 1:]) / (1 - a * a)  # (..., H, n)
+    p = torch.addcmul(x[..., :-1], a, x[..., 1:]) / (1 - a * a)  # (..., H, n): p_i = v_(i+1) / (1 - a^2)
     E = torch.einsum("hjk,...hk->...hj", hankel(h), p)  # (..., H, n)
     return F.pad(E, (0, 1)) + a * F.pad(E, (1, 0))  # q_j = E_j + a E_(j-1), j = 0..n
 
@@ -157,7 +159,7 @@ def naive_tail(h, dt, L):
 
 
 def naive_kernel_spectrum(h, dt, L):
-    """K_L(z_k) = G(z_k) - (-1)^k R(z_k), k = 0..L: the rfft of [k[0..L-1], 0 (L times)], (H, L + 1)."""
+    """K_L(z_l) = G(z_l) - (-1)^l R(z_l), l = 0..L: the rfft of [k[0..L-1], 0 (L times)], (H, L + 1)."""
     sign = 1 - 2 * (torch.arange(L + 1, device=h.device) % 2)  # (-1)^l
     return naive_transfer(h, dt, 2 * L) - sign * allpass_sum(naive_tail(h, dt, L), allpass(dt, 2 * L))
 
@@ -167,13 +169,14 @@ def naive_kernel_spectrum(h, dt, L):
 # a geometric series in w z^-1, giving X = (w^(L-1) - a w^(L-2)) / (1 + a zeta) = (1 - a^2) zeta w^(L-2) / (1 + a zeta)^2
 # for L >= 2 (x_0 = 0: the impulse has passed) and X = 1 / (1 + a zeta) for L = 1 (x_0 = 1: it is the last input).
 # The shift identity sum_k (x_k + a x_(k+1)) zeta^k = ((a + zeta) X - a x_0) / zeta then gives, in both cases,
-#     sum_k v_k zeta^k = (1 - a^2) Q(zeta),   Q(zeta) = (a + zeta)^(L-1) / (1 + a zeta)^L,
-# so p = v / (1 - a^2) holds Q's power-series coefficients Q_k. E_j = sum_{i>=j} h_i Q_(i-j) is the coefficient of
+#     sum_k v_(k+1) zeta^k = (1 - a^2) Q(zeta),   Q(zeta) = (a + zeta)^(L-1) / (1 + a zeta)^L,
+# so p holds Q's power-series coefficients Q_k. E_j = sum_{i>=j} h_i Q_(i-j) is the coefficient of
 # zeta^-j in hhat(zeta) Q(zeta), hhat(zeta) = sum_i h_i zeta^-i: a Laurent series on the ring 0 < |zeta| < 1/|a|, whose
 # coefficients are Cauchy integrals over any circle |zeta| = rho inside it. The trapezoid rule on M equispaced points
 # computes them all with one FFT, exactly up to aliasing: each coefficient gains those M apart, times rho^M. Q's
-# coefficients are only bounded (|Q_k| <= 1 / (1 - |a|), as |x_k| <= 1 for all-pass sections), not small, so the
-# circle lies inside the unit disk: rho < 1, aliases * rho^M.
+# coefficients are only bounded, not small (|Q_k| <= 1 / (1 - |a|): each x_k is a sample of an all-pass section's
+# impulse response, whose energy is 1), so the circle lies inside the unit disk (rho < 1) and aliases add at most
+# rho^M / (1 - |a|) relative to h.
 
 Circle = collections.namedtuple("Circle", "L Q zeta az wN scale")
 
@@ -181,7 +184,8 @@ Circle = collections.namedtuple("Circle", "L Q zeta az wN scale")
 def _circle(a, L, n):
     """Q(zeta) at the points zeta = rho exp(2 pi i j / M), j = 0..M/2 (the rest are conjugates), a (H, 1) float64: a Circle with
     Q (H, M/2 + 1) and what dQ/da needs: zeta, 1 + a zeta, w^(L-2) and scale = rho^i (i < n). M = 8n, rho = 10^(-2/n):
-    aliases rho^M = 1e-16; dividing by rho^i magnifies round-off by at most rho^-n = 100, hence float64."""
+    aliases rho^M = 1e-16 (times 1 / (1 - |a|)); the factors rho^-i that move a series onto the circle or its
+    coefficients back magnify round-off by at most rho^-n = 100, hence float64."""
     M, rho = 8 * n, 10 ** (-2 / n)
     j = torch.arange(M // 2 + 1, dtype=torch.float64, device=a.device)
     zeta = torch.polar(torch.full_like(j, rho), j * (2 * math.pi / M))  # (M/2 + 1,)
@@ -213,12 +217,12 @@ def _tail_series_adjoint(dE, hhat, circle, with_da):
     its adjoint is the product of series dh(zeta) = dE(zeta) Q(zeta); da pairs dE with the E that dQ/da gives:
         dQ/da = w^(L-2) (L (1 - zeta^2) - (1 + a zeta)) / (1 + a zeta)^3  (L >= 2),  -zeta / (1 + a zeta)^2  (L = 1)."""
     L, _, zeta, az, wN, scale = circle
-    g = dE[:, :len(scale)].double() * scale  # (H, n)
-    dh = _series_mul(g, circle)  # (H, n)
+    dE_s = dE[:, :len(scale)].double() * scale  # (H, n)
+    dh = _series_mul(dE_s, circle)  # (H, n)
     if not with_da:
         return dh.to(dE.dtype), None
     dQ = wN * (L * (1 - zeta * zeta) - az) / (az * az * az) if L > 1 else -zeta / (az * az)
-    da = (torch.fft.irfft(hhat * dQ, n=hhat.shape[1] * 2 - 2)[:, :len(scale)] * g).sum(1)  # (H,)
+    da = (torch.fft.irfft(hhat * dQ, n=hhat.shape[1] * 2 - 2)[:, :len(scale)] * dE_s).sum(1)  # (H,)
     return dh.to(dE.dtype), da.to(dE.dtype)
 
 
@@ -228,9 +232,9 @@ def _warp(log_dt, nfft, groups):
     """psi = arg omega' (H, N, G) at the rfft nodes theta = 2 pi l / nfft, and a (H, 1, 1): tanh(-log dt / 2) is
     (1 - dt) / (1 + dt) without forming dt.
 
-    omega' = omega conj(c) / c with c = 1 - a omega, and arg(conj(c) / c) = -2 arg c, so b = exp(-i psi) with
+    omega' = omega conj(c) / c with c = 1 - a omega (as |omega| = 1: omega - a = omega conj(c)), and arg(conj(c) / c) = -2 arg c, so b = exp(-i psi) with
     psi = theta + 2 atan2(a sin theta, 1 - a cos theta): no singularity, and float64 keeps a small dt's digits.
-    Node l = G i + g sits at [i, g]: the exact kernel's even and odd nodes (G = 2) get their own columns."""
+    Node l sits at [l // G, l % G]: the exact kernel's even and odd nodes (G = 2) get their own columns."""
     N = nfft // (2 * groups) + 1
     theta = torch.arange(groups * N, dtype=log_dt.dtype, device=log_dt.device).view(N, groups) * (2 * math.pi / nfft)
     a = torch.tanh(log_dt * -0.5)[:, None, None]  # (H, 1, 1)
@@ -254,13 +258,14 @@ def _exp_i(base, step, count, offset):
 # Blocked powers: split m = c j + r (c ~ sqrt(n) powers per block, J blocks), so b^m = b^r beta^j with beta = b^c and
 # P = sum_m coef_m b^m = sum_r b^r U_r, U_r = sum_j coef_(cj+r) beta^j: one batched matmul, one product and one sum over
 # c + J tables of angles instead of n powers. Node groups: the exact kernel's coefficients differ on even and odd nodes
-# (g - q and g + q, section 3), so with G = 2 groups node l = G i + g is evaluated in group g with that group's
+# ([0, h] - q and [0, h] + q, section 3), so with G = 2 groups node l is evaluated in group l % G with that group's
 # coefficients; the plain transfer function has G = 1. A GPU in eager PyTorch pays one kernel launch per operation:
 # these are a few dozen, whatever n and L.
 
 def _nodes(log_dt, nfft, groups, c, dtype):
     """The angle tables shared by every all-pass sum at the rfft nodes of length nfft: (base, base_c, offset, c) for
-    _exp_i, and a (H, 1, 1) float64. Takes log dt; no autograd graph is needed through them (see _Spectrum)."""
+    _exp_i, and a (H, 1, 1) float64. Takes log dt. _Spectrum needs no autograd graph through them (its backward is
+    written out); the state route (section 6) lets autograd differentiate them."""
     psi, a64 = _warp(log_dt.double(), nfft, groups)  # (H, N, G), (H, 1, 1): float64
     # beta^j = exp(-i c j psi): psi mod 2 pi / c in float64 first, or psi's float32 rounding grows c j times
     base, base_c = _angle_pairs(psi, dtype), _angle_pairs(psi.remainder(2 * math.pi / c), dtype)
@@ -294,12 +299,12 @@ class _Spectrum(torch.autograd.Function):
             J = math.ceil((n + 2) / nodes[3])  # blocks for b^0 .. b^(n+1): one more than P needs, for dt's gradient
             a, cJ = a64[:, 0].to(h.dtype), nodes[3] * J  # (H, 1)
             ctx.tail, ctx.n, ctx.nodes = (), n, nodes
-            if causal:  # even nodes g - q, odd nodes g + q
+            if causal:  # even nodes [0, h] - q, odd nodes [0, h] + q
                 circle = _circle(a64[:, 0], nfft // 2, n)
                 coef, ctx.E, hhat = _kernel_coef(h, a, circle, cJ)  # (H, 2, cJ)
                 ctx.tail = (hhat, circle)
             else:
-                coef = F.pad(h, (1, cJ - n - 1))[:, None]  # (H, 1, cJ): g = [0, h, 0 ..]
+                coef = F.pad(h, (1, cJ - n - 1))[:, None]  # (H, 1, cJ): [0, h, 0 ..]
             (base, base_c, offset, c), G, N = nodes, coef.shape[1], nodes[0].shape[2]
             # U first: the beta table is freed before b^r (kept for the backward) is made, so c + J tables at the peak
             beta_j = torch.view_as_real(_exp_i(base_c, -c, J, offset)).view(H * G, J, 2 * N)  # (HG, J, 2N)
@@ -308,7 +313,7 @@ class _Spectrum(torch.autograd.Function):
             b_r = _exp_i(base, -1, c, offset)  # (HG, c, N)
             ctx.save_for_backward(coef, a, b_r)
             P = torch.view_as_complex(U.view(H * G, c, N, 2)).mul_(b_r).sum(1)  # (HG, N)
-            # node l = G i + g back in the order of l, cut to the nfft//2 + 1 rfft nodes
+            # node l back in the order of l, cut to the nfft//2 + 1 rfft nodes
             return P.view(H, G, N).transpose(1, 2).reshape(H, G * N)[:, :nfft // 2 + 1]  # (H, nfft//2 + 1)
 
     @staticmethod
@@ -322,9 +327,9 @@ class _Spectrum(torch.autograd.Function):
             T = _exp_i(base_c, c, cJ // c, offset).view(H, G, -1, N).mul_(grad[:, :, None])  # (H, G, J, N)
             T, b_r = torch.view_as_real(T).view(H * G, -1, 2 * N), torch.view_as_real(b_r).view(H * G, c, 2 * N)
             dcoef = (T @ b_r.mT).view(H, G, cJ)  # (HG, J, 2N) @ (HG, 2N, c) -> (H, G, cJ)
-            dh = dcoef.sum(1)[:, 1:ctx.n + 1]  # g = [0, h, 0 ..] in every group
+            dh = dcoef.sum(1)[:, 1:ctx.n + 1]  # [0, h, 0 ..] in every group
             if ctx.tail:
-                dq = dcoef[:, 1] - dcoef[:, 0]  # coef = g -/+ q
+                dq = dcoef[:, 1] - dcoef[:, 0]  # coef = [0, h] -/+ q
                 dE = torch.addcmul(dq[:, :-1], a, dq[:, 1:])  # q_j = E_j + a E_(j-1)
                 dh_tail, da_tail = _tail_series_adjoint(dE, *ctx.tail, ctx.needs_input_grad[1])
                 dh = dh + dh_tail
@@ -391,31 +396,27 @@ def two_sided(K, L):
 # 6. State in and out: convolution and recurrence, switchable ---------------------------------------------------
 # To generate, a layer runs a prompt as one convolution, then step(); a long stream runs as chunks, each continuing
 # from the last one's state. By linearity a chunk is what its input does from the zero state plus what its starting
-# state x does under zero input, and section 3 gives both exactly, with no loop over t (d_m = b^m delta, the impulse
-# response of m sections):
-# (1) L zero-input steps take x to A^L x, whose entry m, the coefficient of z^-(L-1) in R_m, collects from each
-#     (1 + a b) b^i of R_m the value d_i[L-1] + a d_(i+1)[L-1] = (1 - a^2) Q_i (the shift identity), so
-#         (A^L x)_m = sum_{i<m} Q_(m-1-i) v_i,   v_i = x_i + a x_(i+1):   the product of series V(zeta) Q(zeta).
-#     L = 1 gives Q_k = (-a)^k: cascade_step's T.
-# (2) The output from x is free_response's sum_j q_j(x) b^j; its tail beyond L is the output from A^L x, so cut to L
-#     samples like the kernel its spectrum at the 2L nodes is sum_j (q_j(x) - (-1)^l q_j(A^L x)) b_l^j.
-# (3) The input leaves x_m = sum_t u[t] d_m[L-1-t]. By Parseval with the reversed input, f_m = Re sum_l
-#     rfft(flip u)_l conj(b_l^m) / 2L over the 2L nodes (the inner rfft bins stand for l and 2L - l) is that sum with
-#     d_m folded at period 2L, and a folded term d_m[. + 2Lp] is the same state advanced 2Lp steps:
-#     f = sum_p A^(2Lp) x, so x = f - A^2L f.
+# state x does under zero input. Let A be the cascade's one-step matrix under zero input (x' = A x: T v with v_0 = 0)
+# and d_m = b^m delta the impulse response of m sections (d_m[t] is entry m of the impulse's state after t + 1 steps).
+# Section 3 gives three facts, each exact and without a loop over t:
+# (1) L zero-input steps take x to A^L x. Entry m is section m's output at t = L - 1, the coefficient of z^-(L-1) in
+#     R_m = (1 + a b) sum_{j<m} p_(m-1-j) b^j (section 3, unrolled). In (1 + a b) b^j that coefficient is d_j[L-1] +
+#     a d_(j+1)[L-1] = (1 - a^2) Q_j (the shift identity), and the 1 - a^2 cancels the one in p:
+#         (A^L x)_m = sum_{j<m} Q_(m-1-j) v_(j+1),
+#     the first n coefficients of the product of series V(zeta) Q(zeta), V = sum_j v_(j+1) zeta^j: one product on the
+#     circle (_series_mul). L = 1 gives Q_k = (-a)^k, cascade_step's T.
+# (2) The output from x is free_response's sum_j q_j(x) b^j. Its part beyond L is the output from A^L x, so, cut to L
+#     samples as the kernel was, its spectrum at the 2L nodes is sum_j (q_j(x) - (-1)^l q_j(A^L x)) b_l^j.
+# (3) From the zero state the input leaves x_m = sum_t u[t] d_m[L-1-t], an inner product of the reversed input with
+#     d_m. By Parseval over the 2L nodes, f_m = Re sum_l rfft(flip u)_l conj(b_l^m) / 2L (the inner rfft bins stand
+#     for l and 2L - l) is that inner product with d_m folded at period 2L: sum_p sum_t u[t] d_m[L-1-t + 2Lp]. Term p
+#     is the state after the input and then 2Lp zero steps, (A^(2Lp) x)_m, so f = sum_p A^(2Lp) x = (I - A^2L)^-1 x
+#     (A's eigenvalues are all a, |a| < 1: the series converges), and x = f - A^2L f.
 
 def _advance(x, a, circle):
     """A^L x (..., H, n + 1), float64: the state after L zero-input steps from x; a (H, 1) and circle = _circle(a, L, n)."""
-    v = torch.addcmul(x[..., :-1].double(), a, x[..., 1:])  # (..., H, n): v_i = x_i + a x_(i+1)
+    v = torch.addcmul(x[..., :-1].double(), a, x[..., 1:])  # (..., H, n): v_(i+1) = x_i + a x_(i+1)
     return F.pad(_series_mul(v * circle.scale, circle), (1, 0))  # (..., H, n + 1): (A^L x)_0 = 0
-
-
-def _powers(nodes, count):
-    """b^m, m < count, at the nodes of _nodes: (H G, count, N), b^(cj + r) = beta^j b^r. A batch of coefficient vectors
-    pays for the whole table: one matmul then evaluates all their sums, and one more all the transposed sums."""
-    base, base_c, offset, c = nodes
-    beta_j, b_r = _exp_i(base_c, -c, -(-count // c), offset), _exp_i(base, -1, c, offset)  # (HG, J, N), (HG, c, N)
-    return (beta_j[:, :, None] * b_r[:, None]).flatten(1, 2)[:, :count]
 
 
 # 7. The layer ----------------------------------------------------------------------------------------------------
@@ -490,27 +491,31 @@ class HOPE(nn.Module):
 
     def _state_io(self, u, x):
         """Section 6: the SSM's output (B, H, L) from the state x (None: zero) and the input u, and the state after u.
-        One table of b^m at the kernel's nodes serves the kernel, the free responses and the transposed sums."""
+        The kernel's and the free responses' all-pass sums and the transposed ones share one split m = c j + r with
+        few blocks J: a matmul over r with the table b^r, then a product with beta^j (or its conjugate) over j."""
         (B, H, L), n, h = u.shape, self.n, self.h
-        nodes, a = _nodes(self.log_dt, 2 * L, 2, math.isqrt(n + 1) + 1, h.dtype)  # even and odd groups, as the kernel
-        a, N = a[:, 0], nodes[0].shape[2]  # (H, 1) float64
+        J, c = 2, -(-(n + 1) // 2)  # b^0 .. b^n in J = 2 blocks of c: few products with beta^j, one matmul over r
+        (base, base_c, offset, _), a = _nodes(self.log_dt, 2 * L, 2, c, h.dtype)  # even and odd groups, as the kernel
+        a, N = a[:, 0], base.shape[2]  # (H, 1) float64
+        b_r = torch.view_as_real(_exp_i(base, -1, c, offset)).view(2 * H, c, 2 * N)  # (2H, c, 2N)
+        beta = _exp_i(base_c, -c, J, offset)  # (2H, J, N): beta^j = b^(cj)
         circle = _circle(a, L, n)
-        powers = torch.view_as_real(_powers(nodes, n + 1)).view(2 * H, n + 1, 2 * N)  # (2H, n + 1, 2N)
         Ur = torch.fft.rfft(u.flip(-1), n=2 * L, norm="forward")  # (B, H, L + 1): rfft(flip u) / 2L
         Ur[..., 1:L].mul_(2)  # the bins that stand for two
-        Ur = F.pad(Ur, (0, 2 * N - L - 1)).view(B, H, N, 2).permute(1, 3, 0, 2).reshape(2 * H, B, N)  # (H 2, B, N)
-        f = torch.view_as_real(Ur).view(2 * H, B, 2 * N) @ powers.mT  # (2H, B, n + 1): Re sum_l Ur_l conj(b_l^m)
-        f = f.view(H, 2, B, n + 1).sum(1).transpose(0, 1)  # (B, H, n + 1)
+        Ur = F.pad(Ur, (0, 2 * N - L - 1)).view(B, H, N, 2).permute(1, 3, 0, 2).reshape(2 * H, B, 1, N)  # (H 2, B, 1, N)
+        T = torch.view_as_real(Ur * beta.conj_physical()[:, None]).reshape(2 * H, B * J, 2 * N)  # (2H, B J, 2N)
+        f = (T @ b_r.mT).view(H, 2, B, J * c).sum(1).transpose(0, 1)[..., :n + 1]  # (B, H, n + 1): Re sum Ur conj(b^m)
+        adv = _advance(torch.stack([f] if x is None else [f, x]), a, circle)  # (1 or 2, B, H, n + 1): A^L f (, A^L x)
+        x_end = f.double() - _advance(adv[0], a, circle) + adv[1:].sum(0)  # f - A^2L f (+ A^L x)
         coef = _kernel_coef(h, a.to(h.dtype), circle, n + 1)[0][:, :, None]  # (H, 2, 1, n + 1)
-        x_L, f_L = _advance(torch.stack([f if x is None else x, f]), a, circle)  # (B, H, n + 1) each: A^L x, A^L f
-        x_end = f.double() - _advance(f_L, a, circle) + (0 if x is None else x_L)  # f - A^2L f + A^L x
         if x is not None:
-            q = free_response(h.double(), a, torch.stack([x, x_L]))  # (2, B, H, n + 1): q(x), q(A^L x)
+            q = free_response(h.double(), a, torch.stack([x, adv[1]]))  # (2, B, H, n + 1): q(x), q(A^L x)
             sign = torch.tensor([[-1.0], [1.0]], dtype=torch.float64, device=u.device)  # (2, 1): even, odd nodes
             free = torch.addcmul(q[0, :, :, None], sign, q[1, :, :, None]).permute(1, 2, 0, 3)  # (H, 2, B, n + 1)
             coef = torch.cat([coef, free.to(h.dtype)], 2)  # (H, 2, 1 + B, n + 1)
-        P = torch.view_as_complex((coef.view(2 * H, -1, n + 1) @ powers).view(H, 2, -1, N, 2))  # (H, 2, 1 (+ B), N)
-        P = P.permute(2, 0, 3, 1).reshape(-1, H, 2 * N)[..., :L + 1]  # (1 (+ B), H, L + 1): node l = 2 i + g in order
+        coef = F.pad(coef, (0, J * c - n - 1)).view(2 * H, -1, c)  # (2H, (1 (+ B)) J, c)
+        P = torch.view_as_complex((coef @ b_r).view(2 * H, -1, J, N, 2)).mul_(beta[:, None]).sum(2)  # (2H, 1 (+ B), N)
+        P = P.view(H, 2, -1, N).permute(2, 0, 3, 1).reshape(-1, H, 2 * N)[..., :L + 1]  # (1 (+ B), H, L + 1): in order
         Y = torch.fft.rfft(u, n=2 * L) * P[0]  # (B, H, L + 1): the kernel's convolution
         y = torch.fft.irfft(Y if x is None else Y + P[1:], n=2 * L)[..., :L]  # (B, H, L): plus the free response
         return y, x_end.to(u.dtype)
