@@ -1,14 +1,13 @@
 """Convolution and recurrence, switchable at any point, for both layers: forward(u, state, return_state) and
 step() hand the state to each other. The naive twin is the step() loop (float64 layers in eval mode, dt fixed by
 writing log_dt), with a dense check of the formulas where it helps."""
-import collections
 import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import hope
+from bench import LaunchCount
 from hope import HOPE
 from s4d import S4D
 
@@ -20,19 +19,6 @@ SPLITS = ([1, 1, 5], [7], [3, 4])
 @pytest.fixture(autouse=True)
 def seed():
     torch.manual_seed(0)
-
-
-class LaunchCount(TorchDispatchMode):
-    """Counts every aten operation dispatched inside it, views excepted (they launch nothing); as bench.py's."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func.overloadpacket.__name__ != "_unsafe_view":
-            self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def step_loop(layer, u, state=None):
