@@ -126,10 +126,11 @@ def naive_kernel(h, dt, L):
     return torch.stack(k, 1), x
 
 
-# The FFT route needs the spectrum at the 2L-th roots of unity z_l = exp(i pi l / L) (l: the node; k: the kernel), but G there is the spectrum of
-# the response *folded* with period 2L, sum_m k[t + 2L m], and the memory n/dt often reaches far beyond 2L (n = 64,
-# dt = 1e-3: 64,000 steps). So split the response at L: G(z) = K_L(z) + z^-L R(z), with K_L = sum_{t<L} k[t] z^-t
-# (wanted) and the tail R = sum_t k[L + t] z^-t. At the nodes z_l^-L = (-1)^l: K_L(z_l) = G(z_l) - (-1)^l R(z_l).
+# The FFT route needs the spectrum at the 2L-th roots of unity z_l = exp(i pi l / L) (l: the node; k: the kernel), but
+# G there is the spectrum of the response *folded* with period 2L, sum_m k[t + 2L m], and the memory n/dt often reaches
+# far beyond 2L (n = 64, dt = 1e-3: 64,000 steps). So split the response at L: G(z) = K_L(z) + z^-L R(z), with
+# K_L = sum_{t<L} k[t] z^-t (wanted) and the tail R = sum_t k[L + t] z^-t. At the nodes z_l^-L = (-1)^l:
+# K_L(z_l) = G(z_l) - (-1)^l R(z_l).
 # The tail is the response to zero input from the state x that naive_kernel ends in. Let R_m be the z-transform of
 # section m's output from any state x under zero input (R_0 = 0). The recurrence, whose terms at t = -1 are the
 # state, transforms to (1 - a z^-1) R_m - a x_m = (z^-1 - a) R_(m-1) + x_(m-1), so with cascade_step's v_m = x_(m-1) +
@@ -166,7 +167,7 @@ def naive_kernel_spectrum(h, dt, L):
 
 # The tail without simulating L steps. x_m is the coefficient of z^-(L-1) in b(z)^m, so X(zeta) = sum_m x_m zeta^m is
 # that coefficient in 1 / (1 - zeta b(z)) = (1 - a z^-1) / ((1 + a zeta)(1 - w z^-1)), w = (a + zeta) / (1 + a zeta):
-# a geometric series in w z^-1, giving X = (w^(L-1) - a w^(L-2)) / (1 + a zeta) = (1 - a^2) zeta w^(L-2) / (1 + a zeta)^2
+# a geometric series in w z^-1: X = (w^(L-1) - a w^(L-2)) / (1 + a zeta) = (1 - a^2) zeta w^(L-2) / (1 + a zeta)^2
 # for L >= 2 (x_0 = 0: the impulse has passed) and X = 1 / (1 + a zeta) for L = 1 (x_0 = 1: it is the last input).
 # The shift identity sum_k (x_k + a x_(k+1)) zeta^k = ((a + zeta) X - a x_0) / zeta then gives, in both cases,
 #     sum_k v_(k+1) zeta^k = (1 - a^2) Q(zeta),   Q(zeta) = (a + zeta)^(L-1) / (1 + a zeta)^L,
@@ -182,9 +183,9 @@ Circle = collections.namedtuple("Circle", "L Q zeta az wN scale")
 
 
 def _circle(a, L, n):
-    """Q(zeta) at the points zeta = rho exp(2 pi i j / M), j = 0..M/2 (the rest are conjugates), a (H, 1) float64: a Circle with
-    Q (H, M/2 + 1) and what dQ/da needs: zeta, 1 + a zeta, w^(L-2) and scale = rho^i (i < n). M = 8n, rho = 10^(-2/n):
-    aliases rho^M = 1e-16 (times 1 / (1 - |a|)); the factors rho^-i that move a series onto the circle or its
+    """Q(zeta) at the points zeta = rho exp(2 pi i j / M), j = 0..M/2 (the rest are conjugates), a (H, 1) float64: a
+    Circle with Q (H, M/2 + 1) and what dQ/da needs: zeta, 1 + a zeta, w^(L-2) and scale = rho^i (i < n). M = 8n,
+    rho = 10^(-2/n): aliases rho^M = 1e-16 (times 1 / (1 - |a|)); the factors rho^-i that move a series onto the circle or its
     coefficients back magnify round-off by at most rho^-n = 100, hence float64."""
     M, rho = 8 * n, 10 ** (-2 / n)
     j = torch.arange(M // 2 + 1, dtype=torch.float64, device=a.device)
@@ -232,8 +233,9 @@ def _warp(log_dt, nfft, groups):
     """psi = arg omega' (H, N, G) at the rfft nodes theta = 2 pi l / nfft, and a (H, 1, 1): tanh(-log dt / 2) is
     (1 - dt) / (1 + dt) without forming dt.
 
-    omega' = omega conj(c) / c with c = 1 - a omega (as |omega| = 1: omega - a = omega conj(c)), and arg(conj(c) / c) = -2 arg c, so b = exp(-i psi) with
-    psi = theta + 2 atan2(a sin theta, 1 - a cos theta): no singularity, and float64 keeps a small dt's digits.
+    omega' = omega conj(c) / c with c = 1 - a omega (as |omega| = 1: omega - a = omega conj(c)), and
+    arg(conj(c) / c) = -2 arg c, so b = exp(-i psi) with psi = theta + 2 atan2(a sin theta, 1 - a cos theta): no
+    singularity, and float64 keeps a small dt's digits.
     Node l sits at [l // G, l % G]: the exact kernel's even and odd nodes (G = 2) get their own columns."""
     N = nfft // (2 * groups) + 1
     theta = torch.arange(groups * N, dtype=log_dt.dtype, device=log_dt.device).view(N, groups) * (2 * math.pi / nfft)
@@ -287,8 +289,9 @@ class _Spectrum(torch.autograd.Function):
     G = 1, nfft = L) and of naive_kernel_spectrum (coef = [0, h] -/+ q on even/odd nodes, G = 2, nfft = 2L).
 
     Backward, with PyTorch's convention for complex outputs (grad = dLoss/dRe P + i dLoss/dIm P for a real loss; see
-    "Autograd for Complex Numbers" in PyTorch's autograd notes): a real coef_m's gradient is Re sum_l grad_l conj(b_l^m),
-    the same sum transposed; dt's follows from those alone, and the tail adds its adjoint. No autograd graph inside.
+    "Autograd for Complex Numbers" in PyTorch's autograd notes): a real coef_m's gradient is Re sum_l grad_l
+    conj(b_l^m), the same sum transposed; dt's follows from those alone, and the tail adds its adjoint. No autograd
+    graph inside.
     """
 
     @staticmethod
@@ -414,7 +417,7 @@ def two_sided(K, L):
 #     (A's eigenvalues are all a, |a| < 1: the series converges), and x = f - A^2L f.
 
 def _advance(x, a, circle):
-    """A^L x (..., H, n + 1), float64: the state after L zero-input steps from x; a (H, 1) and circle = _circle(a, L, n)."""
+    """A^L x (..., H, n + 1), float64: the state after L zero-input steps from x; a (H, 1), circle: _circle(a, L, n)."""
     v = torch.addcmul(x[..., :-1].double(), a, x[..., 1:])  # (..., H, n): v_(i+1) = x_i + a x_(i+1)
     return F.pad(_series_mul(v * circle.scale, circle), (1, 0))  # (..., H, n + 1): (A^L x)_0 = 0
 
@@ -502,7 +505,7 @@ class HOPE(nn.Module):
         circle = _circle(a, L, n)
         Ur = torch.fft.rfft(u.flip(-1), n=2 * L, norm="forward")  # (B, H, L + 1): rfft(flip u) / 2L
         Ur[..., 1:L].mul_(2)  # the bins that stand for two
-        Ur = F.pad(Ur, (0, 2 * N - L - 1)).view(B, H, N, 2).permute(1, 3, 0, 2).reshape(2 * H, B, 1, N)  # (H 2, B, 1, N)
+        Ur = F.pad(Ur, (0, 2 * N - L - 1)).view(B, H, N, 2).permute(1, 3, 0, 2).reshape(2 * H, B, 1, N)  # (2H, B, 1, N)
         T = torch.view_as_real(Ur * beta.conj_physical()[:, None]).reshape(2 * H, B * J, 2 * N)  # (2H, B J, 2N)
         f = (T @ b_r.mT).view(H, 2, B, J * c).sum(1).transpose(0, 1)[..., :n + 1]  # (B, H, n + 1): Re sum Ur conj(b^m)
         adv = _advance(torch.stack([f] if x is None else [f, x]), a, circle)  # (1 or 2, B, H, n + 1): A^L f (, A^L x)
