@@ -185,8 +185,8 @@ Circle = collections.namedtuple("Circle", "L Q zeta az wN scale")
 def _circle(a, L, n):
     """Q(zeta) at the points zeta = rho exp(2 pi i j / M), j = 0..M/2 (the rest are conjugates), a (H, 1) float64: a
     Circle with Q (H, M/2 + 1) and what dQ/da needs: zeta, 1 + a zeta, w^(L-2) and scale = rho^i (i < n). M = 8n,
-    rho = 10^(-2/n): aliases rho^M = 1e-16 (times 1 / (1 - |a|)); the factors rho^-i that move a series onto the circle or its
-    coefficients back magnify round-off by at most rho^-n = 100, hence float64."""
+    rho = 10^(-2/n): aliases rho^M = 1e-16 (times 1 / (1 - |a|)); the factors rho^-i that move a series onto the
+    circle or its coefficients back magnify round-off by at most rho^-n = 100, hence float64."""
     M, rho = 8 * n, 10 ** (-2 / n)
     j = torch.arange(M // 2 + 1, dtype=torch.float64, device=a.device)
     zeta = torch.polar(torch.full_like(j, rho), j * (2 * math.pi / M))  # (M/2 + 1,)
