@@ -20,7 +20,7 @@ Glossary (code name = paper symbol: meaning)
     q  (H, n+1)  the kernel's tail beyond L as a polynomial in b, R = sum_j q_j b^j                     (section 3)
 
     x  (B, H, n+1) the recurrent state, x_m = (b^m u)[t - 1]: the input through m all-pass sections      (section 2)
-    A            the cascade's one-step matrix under zero input, x' = A x                                    (section 6)
+    Phi          the cascade's one-step matrix under zero input, x' = Phi x                                (section 6)
 
 Reading map. Each fast function comes after its naive twin (the math as written, for reading and for the tests,
 never on the layer's path); test_hope.py and test_state.py check each pair against an independent ground truth.
@@ -165,19 +165,19 @@ def naive_kernel_spectrum(h, dt, L):
     return naive_transfer(h, dt, 2 * L) - sign * allpass_sum(naive_tail(h, dt, L), allpass(dt, 2 * L))
 
 
-# The tail without simulating L steps. x_m is the coefficient of z^-(L-1) in b(z)^m, so X(zeta) = sum_m x_m zeta^m is
-# that coefficient in 1 / (1 - zeta b(z)) = (1 - a z^-1) / ((1 + a zeta)(1 - w z^-1)), w = (a + zeta) / (1 + a zeta):
-# a geometric series in w z^-1: X = (w^(L-1) - a w^(L-2)) / (1 + a zeta) = (1 - a^2) zeta w^(L-2) / (1 + a zeta)^2
+# The tail without simulating L steps. In the impulse's state after L steps, x_m is the coefficient of z^-(L-1) in
+# b(z)^m, so X(zeta) = sum_m x_m zeta^m is that coefficient in 1 / (1 - zeta b(z)) = (1 - a z^-1) / ((1 + a zeta)
+# (1 - w z^-1)), w = (a + zeta) / (1 + a zeta): a geometric series in w z^-1: X = (w^(L-1) - a w^(L-2)) / (1 + a zeta) = (1 - a^2) zeta w^(L-2) / (1 + a zeta)^2
 # for L >= 2 (x_0 = 0: the impulse has passed) and X = 1 / (1 + a zeta) for L = 1 (x_0 = 1: it is the last input).
-# The shift identity sum_k (x_k + a x_(k+1)) zeta^k = ((a + zeta) X - a x_0) / zeta then gives, in both cases,
-#     sum_k v_(k+1) zeta^k = (1 - a^2) Q(zeta),   Q(zeta) = (a + zeta)^(L-1) / (1 + a zeta)^L,
-# so p holds Q's power-series coefficients Q_k. E_j = sum_{i>=j} h_i Q_(i-j) is the coefficient of
+# The shift identity sum_i (x_i + a x_(i+1)) zeta^i = ((a + zeta) X - a x_0) / zeta then gives, in both cases,
+#     sum_i v_(i+1) zeta^i = (1 - a^2) Q(zeta),   Q(zeta) = (a + zeta)^(L-1) / (1 + a zeta)^L,
+# so p holds Q's power-series coefficients Q_i. E_j = sum_{i>=j} h_i Q_(i-j) is the coefficient of
 # zeta^-j in hhat(zeta) Q(zeta), hhat(zeta) = sum_i h_i zeta^-i: a Laurent series on the ring 0 < |zeta| < 1/|a|, whose
 # coefficients are Cauchy integrals over any circle |zeta| = rho inside it. The trapezoid rule on M equispaced points
 # computes them all with one FFT, exactly up to aliasing: each coefficient gains those M apart, times rho^M. Q's
-# coefficients are only bounded, not small (|Q_k| <= 1 / (1 - |a|): each x_k is a sample of an all-pass section's
-# impulse response, whose energy is 1), so the circle lies inside the unit disk (rho < 1) and aliases add at most
-# rho^M / (1 - |a|) relative to h.
+# coefficients are only bounded, not small (|Q_i| = |x_i + a x_(i+1)| / (1 - a^2) <= 1 / (1 - |a|), as each x_i is a
+# sample of an all-pass section's impulse response, whose energy is 1), so the circle lies inside the unit disk
+# (rho < 1) and aliases add at most rho^M / (1 - |a|) relative to sum_i |h_i|.
 
 Circle = collections.namedtuple("Circle", "L Q zeta az wN scale")
 
@@ -198,8 +198,10 @@ def _circle(a, L, n):
 
 
 def _series_mul(f, circle):
-    """The first n coefficients of F(zeta) Q(zeta), F = sum_i f_i zeta^i, from f_i rho^i (..., n) float64. F at the
-    points is conj(rfft(f_i rho^i)) and irfft's exponent has the + sign, hence the conjugates; then divide by rho^i."""
+    """The first n coefficients of F(zeta) Q(zeta), F = sum_i f_i zeta^i, from f_i rho^i (..., n) float64. At the point
+    j, F = sum_i f_i rho^i e^(2 pi i ij / M) = conj(rfft(f_i rho^i)_j); coefficient m of the product is
+    rho^-m (1/M) sum_j F Q e^(-2 pi i jm / M), the conjugate of irfft(conj(F Q))_m, which is real: hence
+    irfft(rfft(f_i rho^i) conj(Q)) / rho^m."""
     M = 2 * (circle.Q.shape[-1] - 1)
     return torch.fft.irfft(torch.fft.rfft(f, n=M) * circle.Q.conj(), n=M)[..., :len(circle.scale)] / circle.scale
 
@@ -233,9 +235,9 @@ def _warp(log_dt, nfft, groups):
     """psi = arg omega' (H, N, G) at the rfft nodes theta = 2 pi l / nfft, and a (H, 1, 1): tanh(-log dt / 2) is
     (1 - dt) / (1 + dt) without forming dt.
 
-    omega' = omega conj(c) / c with c = 1 - a omega (as |omega| = 1: omega - a = omega conj(c)), and
-    arg(conj(c) / c) = -2 arg c, so b = exp(-i psi) with psi = theta + 2 atan2(a sin theta, 1 - a cos theta): no
-    singularity, and float64 keeps a small dt's digits.
+    omega' = omega conj(e) / e with e = 1 - a omega (as |omega| = 1: omega - a = omega conj(e)), and
+    arg(conj(e) / e) = -2 arg e with arg e = -atan2(a sin theta, 1 - a cos theta), so b = 1 / omega' = exp(-i psi) with
+    psi = theta + 2 atan2(a sin theta, 1 - a cos theta): no singularity, and float64 keeps a small dt's digits.
     Node l sits at [l // G, l % G]: the exact kernel's even and odd nodes (G = 2) get their own columns."""
     N = nfft // (2 * groups) + 1
     theta = torch.arange(groups * N, dtype=log_dt.dtype, device=log_dt.device).view(N, groups) * (2 * math.pi / nfft)
@@ -269,7 +271,8 @@ def _nodes(log_dt, nfft, groups, c, dtype):
     _exp_i, and a (H, 1, 1) float64. Takes log dt. _Spectrum needs no autograd graph through them (its backward is
     written out); the state route (section 6) lets autograd differentiate them."""
     psi, a64 = _warp(log_dt.double(), nfft, groups)  # (H, N, G), (H, 1, 1): float64
-    # beta^j = exp(-i c j psi): psi mod 2 pi / c in float64 first, or psi's float32 rounding grows c j times
+    # beta^j = exp(-i c j psi) depends on psi only modulo 2 pi / c: reduce it in float64 first, or psi's float32
+    # rounding grows c j times
     base, base_c = _angle_pairs(psi, dtype), _angle_pairs(psi.remainder(2 * math.pi / c), dtype)
     offset = F.pad(base.new_full((psi.shape[1], 1), math.pi / 2), (0, 1))  # (N, 2): [pi / 2, 0]
     return (base, base_c, offset, c), a64
@@ -325,11 +328,11 @@ class _Spectrum(torch.autograd.Function):
             (coef, a, b_r), (_, base_c, offset, c) = ctx.saved_tensors, ctx.nodes
             (H, G, cJ), N = coef.shape, b_r.shape[2]
             grad = F.pad(grad, (0, G * N - grad.shape[1])).view(H, N, G).transpose(1, 2)  # (H, G, N): the groups
-            # dcoef_(cj+r) = Re sum_l grad_l conj(beta^j b^r)_l: T = grad conj(beta^j) (remade, not kept: the
+            # dcoef_(cj+r) = Re sum_l grad_l conj(beta^j b^r)_l: Gb = grad conj(beta^j) (remade, not kept: the
             # forward's peak stays c + J tables), then one real matmul pairs Re with Re and Im with Im.
-            T = _exp_i(base_c, c, cJ // c, offset).view(H, G, -1, N).mul_(grad[:, :, None])  # (H, G, J, N)
-            T, b_r = torch.view_as_real(T).view(H * G, -1, 2 * N), torch.view_as_real(b_r).view(H * G, c, 2 * N)
-            dcoef = (T @ b_r.mT).view(H, G, cJ)  # (HG, J, 2N) @ (HG, 2N, c) -> (H, G, cJ)
+            Gb = _exp_i(base_c, c, cJ // c, offset).view(H, G, -1, N).mul_(grad[:, :, None])  # (H, G, J, N)
+            Gb, b_r = torch.view_as_real(Gb).view(H * G, -1, 2 * N), torch.view_as_real(b_r).view(H * G, c, 2 * N)
+            dcoef = (Gb @ b_r.mT).view(H, G, cJ)  # (HG, J, 2N) @ (HG, 2N, c) -> (H, G, cJ)
             dh = dcoef.sum(1)[:, 1:ctx.n + 1]  # [0, h, 0 ..] in every group
             if ctx.tail:
                 dq = dcoef[:, 1] - dcoef[:, 0]  # coef = [0, h] -/+ q
@@ -342,7 +345,8 @@ class _Spectrum(torch.autograd.Function):
             # -(1 - a^2) / 2 cancels the division: dLoss/dlog_dt = sum_m (-m / 2) coef_m (dcoef_(m+1) - dcoef_(m-1)).
             minus_half_m = torch.arange(-0.5, (1 - cJ) / 2, -0.5, dtype=coef.dtype, device=coef.device)  # m = 1..cJ-2
             dlog_dt = ((dcoef[..., 2:] - dcoef[..., :-2]) * coef[..., 1:-1] * minus_half_m).sum((1, 2))
-            if ctx.tail:  # a also enters through E (the adjoint's da) and through q = E + a E_(j-1)
+            if ctx.tail:  # a also enters the tail: dLoss/da = sum_j dE_j dE_j/da (E through Q: the adjoint's da)
+                # + sum_j dq_j E_(j-1) (q = E + a E_(j-1)), and da/dlog_dt = -(1 - a^2) / 2
                 da = da_tail + (dq * ctx.E).sum(1)
                 dlog_dt = torch.addcmul(dlog_dt, da, a[:, 0] * a[:, 0] - 1, value=0.5)  # da/dlog_dt
             return dh, dlog_dt, None, None
@@ -399,27 +403,30 @@ def two_sided(K, L):
 # 6. State in and out: convolution and recurrence, switchable ---------------------------------------------------
 # To generate, a layer runs a prompt as one convolution, then step(); a long stream runs as chunks, each continuing
 # from the last one's state. By linearity a chunk is what its input does from the zero state plus what its starting
-# state x does under zero input. Let A be the cascade's one-step matrix under zero input (x' = A x: T v with v_0 = 0)
-# and d_m = b^m delta the impulse response of m sections (d_m[t] is entry m of the impulse's state after t + 1 steps).
+# state x does under zero input. Let Phi be the cascade's one-step matrix under zero input (x' = Phi x: T v, v_0 = 0)
+# and d_m = b^m delta the impulse response of m sections (d_m[t] is entry m of the impulse's state after t + 1 steps:
+# d_m[L-1] is section 3's x_m).
 # Section 3 gives three facts, each exact and without a loop over t:
-# (1) L zero-input steps take x to A^L x. Entry m is section m's output at t = L - 1, the coefficient of z^-(L-1) in
+# (1) L zero-input steps take x to Phi^L x. Entry m is section m's output at t = L - 1, the coefficient of z^-(L-1) in
 #     R_m = (1 + a b) sum_{j<m} p_(m-1-j) b^j (section 3, unrolled). In (1 + a b) b^j that coefficient is d_j[L-1] +
 #     a d_(j+1)[L-1] = (1 - a^2) Q_j (the shift identity), and the 1 - a^2 cancels the one in p:
-#         (A^L x)_m = sum_{j<m} Q_(m-1-j) v_(j+1),
+#         (Phi^L x)_m = sum_{j<m} Q_(m-1-j) v_(j+1),
 #     the first n coefficients of the product of series V(zeta) Q(zeta), V = sum_j v_(j+1) zeta^j: one product on the
-#     circle (_series_mul). L = 1 gives Q_k = (-a)^k, cascade_step's T.
-# (2) The output from x is free_response's sum_j q_j(x) b^j. Its part beyond L is the output from A^L x, so, cut to L
-#     samples as the kernel was, its spectrum at the 2L nodes is sum_j (q_j(x) - (-1)^l q_j(A^L x)) b_l^j.
+#     circle (_series_mul). L = 1 gives Q_i = (-a)^i, cascade_step's T.
+# (2) The output from x is free_response's sum_j q_j(x) b^j. Its part beyond L is the output from Phi^L x, so, cut to L
+#     samples as the kernel was, its spectrum at the 2L nodes is sum_j (q_j(x) - (-1)^l q_j(Phi^L x)) b_l^j.
 # (3) From the zero state the input leaves x_m = sum_t u[t] d_m[L-1-t], an inner product of the reversed input with
 #     d_m. By Parseval over the 2L nodes, f_m = Re sum_l rfft(flip u)_l conj(b_l^m) / 2L (the inner rfft bins stand
-#     for l and 2L - l) is that inner product with d_m folded at period 2L: sum_p sum_t u[t] d_m[L-1-t + 2Lp]. Term p
-#     is the state after the input and then 2Lp zero steps, (A^(2Lp) x)_m, so f = sum_p A^(2Lp) x = (I - A^2L)^-1 x
-#     (A's eigenvalues are all a, |a| < 1: the series converges), and x = f - A^2L f.
+#     for l and 2L - l) is that inner product with d_m folded at period 2L: sum_i sum_t u[t] d_m[L-1-t + 2Li], i >= 0
+#     only, as d_m is causal. Term i is the state after the input and then 2Li zero steps, (Phi^(2Li) x)_m, so
+#     f = sum_i Phi^(2Li) x = (I - Phi^2L)^-1 x (Phi's eigenvalues are a and 0, inside the unit circle: the series
+#     converges), and x = f - Phi^2L f.
 
 def _advance(x, a, circle):
-    """A^L x (..., H, n + 1), float64: the state after L zero-input steps from x; a (H, 1), circle: _circle(a, L, n)."""
+    """Phi^L x (..., H, n + 1), float64: the state after L zero-input steps from x; a (H, 1), circle = _circle(a, L, n)
+    (Phi: section 6)."""
     v = torch.addcmul(x[..., :-1].double(), a, x[..., 1:])  # (..., H, n): v_(i+1) = x_i + a x_(i+1)
-    return F.pad(_series_mul(v * circle.scale, circle), (1, 0))  # (..., H, n + 1): (A^L x)_0 = 0
+    return F.pad(_series_mul(v * circle.scale, circle), (1, 0))  # (..., H, n + 1): (Phi^L x)_0 = 0
 
 
 # 7. The layer ----------------------------------------------------------------------------------------------------
@@ -499,20 +506,22 @@ class HOPE(nn.Module):
         (B, H, L), n, h = u.shape, self.n, self.h
         J, c = 2, -(-(n + 1) // 2)  # b^0 .. b^n in J = 2 blocks of c: few products with beta^j, one matmul over r
         (base, base_c, offset, _), a = _nodes(self.log_dt, 2 * L, 2, c, h.dtype)  # even and odd groups, as the kernel
-        a, N = a[:, 0], base.shape[2]  # (H, 1) float64
+        a, N = a[:, 0], base.shape[2]  # (H, 1) float64; N = L // 2 + 1 nodes per group, 2N >= L + 1
         b_r = torch.view_as_real(_exp_i(base, -1, c, offset)).view(2 * H, c, 2 * N)  # (2H, c, 2N)
         beta = _exp_i(base_c, -c, J, offset)  # (2H, J, N): beta^j = b^(cj)
         circle = _circle(a, L, n)
         Ur = torch.fft.rfft(u.flip(-1), n=2 * L, norm="forward")  # (B, H, L + 1): rfft(flip u) / 2L
         Ur[..., 1:L].mul_(2)  # the bins that stand for two
         Ur = F.pad(Ur, (0, 2 * N - L - 1)).view(B, H, N, 2).permute(1, 3, 0, 2).reshape(2 * H, B, 1, N)  # (2H, B, 1, N)
-        T = torch.view_as_real(Ur * beta.conj_physical()[:, None]).reshape(2 * H, B * J, 2 * N)  # (2H, B J, 2N)
-        f = (T @ b_r.mT).view(H, 2, B, J * c).sum(1).transpose(0, 1)[..., :n + 1]  # (B, H, n + 1): Re sum Ur conj(b^m)
-        adv = _advance(torch.stack([f] if x is None else [f, x]), a, circle)  # (1 or 2, B, H, n + 1): A^L f (, A^L x)
-        x_end = f.double() - _advance(adv[0], a, circle) + adv[1:].sum(0)  # f - A^2L f (+ A^L x)
+        # f_(cj+r) = Re sum_l Ur_l conj(beta^j b^r)_l: Ub = Ur conj(beta^j), then a real matmul over interleaved
+        # (Re, Im) pairs gives Re(Ub) Re(b^r) + Im(Ub) Im(b^r) = Re(Ub conj(b^r)); the sum over the groups ends the sum
+        Ub = torch.view_as_real(Ur * beta.conj_physical()[:, None]).reshape(2 * H, B * J, 2 * N)  # (2H, B J, 2N)
+        f = (Ub @ b_r.mT).view(H, 2, B, J * c).sum(1).transpose(0, 1)[..., :n + 1]  # (B, H, n + 1)
+        adv = _advance(torch.stack([f] if x is None else [f, x]), a, circle)  # (1 or 2, B, H, n + 1): Phi^L f, Phi^L x
+        x_end = f.double() - _advance(adv[0], a, circle) + adv[1:].sum(0)  # f - Phi^2L f (+ Phi^L x)
         coef = _kernel_coef(h, a.to(h.dtype), circle, n + 1)[0][:, :, None]  # (H, 2, 1, n + 1)
         if x is not None:
-            q = free_response(h.double(), a, torch.stack([x, adv[1]]))  # (2, B, H, n + 1): q(x), q(A^L x)
+            q = free_response(h.double(), a, torch.stack([x, adv[1]]))  # (2, B, H, n + 1): q(x), q(Phi^L x)
             sign = torch.tensor([[-1.0], [1.0]], dtype=torch.float64, device=u.device)  # (2, 1): even, odd nodes
             free = torch.addcmul(q[0, :, :, None], sign, q[1, :, :, None]).permute(1, 2, 0, 3)  # (H, 2, B, n + 1)
             coef = torch.cat([coef, free.to(h.dtype)], 2)  # (H, 2, 1 + B, n + 1)
