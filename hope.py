@@ -167,7 +167,8 @@ def naive_kernel_spectrum(h, dt, L):
 
 # The tail without simulating L steps. In the impulse's state after L steps, x_m is the coefficient of z^-(L-1) in
 # b(z)^m, so X(zeta) = sum_m x_m zeta^m is that coefficient in 1 / (1 - zeta b(z)) = (1 - a z^-1) / ((1 + a zeta)
-# (1 - w z^-1)), w = (a + zeta) / (1 + a zeta): a geometric series in w z^-1: X = (w^(L-1) - a w^(L-2)) / (1 + a zeta) = (1 - a^2) zeta w^(L-2) / (1 + a zeta)^2
+# (1 - w z^-1)), w = (a + zeta) / (1 + a zeta): a geometric series in w z^-1, so
+#     X = (w^(L-1) - a w^(L-2)) / (1 + a zeta) = (1 - a^2) zeta w^(L-2) / (1 + a zeta)^2
 # for L >= 2 (x_0 = 0: the impulse has passed) and X = 1 / (1 + a zeta) for L = 1 (x_0 = 1: it is the last input).
 # The shift identity sum_i (x_i + a x_(i+1)) zeta^i = ((a + zeta) X - a x_0) / zeta then gives, in both cases,
 #     sum_i v_(i+1) zeta^i = (1 - a^2) Q(zeta),   Q(zeta) = (a + zeta)^(L-1) / (1 + a zeta)^L,
