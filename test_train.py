@@ -296,7 +296,9 @@ def test_misuse_writes_nothing(tmp_path, capsys):
     refused(capsys, small_args(tmp_path, "--device", "gpu"), "--device gpu")
     assert not (tmp_path / "run").exists()
     ts.main(small_args(tmp_path, "--max-steps", "1"))
-    refused(capsys, small_args(tmp_path), "holds an earlier run", "--resume")
+    refused(capsys, small_args(tmp_path), "holds an earlier run", "continue it with", "--resume")
+    ts.main(small_args(tmp_path, "--resume"))  # finishes its 2 epochs
+    refused(capsys, small_args(tmp_path), "holds a finished run", "choose another --out", "--resume", "--epochs N (N > 2)")
 
 
 def test_newcomers_misuse_is_one_error_line_and_loses_nothing(tmp_path, capsys):
