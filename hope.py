@@ -410,18 +410,19 @@ def two_sided(K, L):
 # Section 3 gives three facts, each exact and without a loop over t:
 # (1) L zero-input steps take x to Phi^L x. Entry m is section m's output at t = L - 1, the coefficient of z^-(L-1) in
 #     R_m = (1 + a b) sum_{j<m} p_(m-1-j) b^j (section 3, unrolled). In (1 + a b) b^j that coefficient is d_j[L-1] +
-#     a d_(j+1)[L-1] = (1 - a^2) Q_j (the shift identity), and the 1 - a^2 cancels the one in p:
+#     a d_(j+1)[L-1] = (1 - a^2) Q_j (the shift identity; Q is the impulse's series of section 3, whatever x is), and
+#     the 1 - a^2 cancels the one in p:
 #         (Phi^L x)_m = sum_{j<m} Q_(m-1-j) v_(j+1),
 #     the first n coefficients of the product of series V(zeta) Q(zeta), V = sum_j v_(j+1) zeta^j: one product on the
 #     circle (_series_mul). L = 1 gives Q_i = (-a)^i, cascade_step's T.
 # (2) The output from x is free_response's sum_j q_j(x) b^j. Its part beyond L is the output from Phi^L x, so, cut to L
 #     samples as the kernel was, its spectrum at the 2L nodes is sum_j (q_j(x) - (-1)^l q_j(Phi^L x)) b_l^j.
-# (3) From the zero state the input leaves x_m = sum_t u[t] d_m[L-1-t], an inner product of the reversed input with
-#     d_m. By Parseval over the 2L nodes, f_m = Re sum_l rfft(flip u)_l conj(b_l^m) / 2L (the inner rfft bins stand
+# (3) From the zero state the input leaves x_m = sum_t u[t] d_m[L-1-t], an inner product of the reversed input
+#     (zero-padded to 2L) with d_m. By Parseval over the 2L nodes, f_m = Re sum_l rfft(flip u)_l conj(b_l^m) / 2L (the inner rfft bins stand
 #     for l and 2L - l) is that inner product with d_m folded at period 2L: sum_i sum_t u[t] d_m[L-1-t + 2Li], i >= 0
 #     only, as d_m is causal. Term i is the state after the input and then 2Li zero steps, (Phi^(2Li) x)_m, so
-#     f = sum_i Phi^(2Li) x = (I - Phi^2L)^-1 x (Phi's eigenvalues are a and 0, inside the unit circle: the series
-#     converges), and x = f - Phi^2L f.
+#     f = sum_i Phi^(2Li) x = (I - Phi^2L)^-1 x (Phi is lower-triangular with diagonal 0, a, .., a: its eigenvalues
+#     lie inside the unit circle and the series converges), and x = f - Phi^2L f.
 
 def _advance(x, a, circle):
     """Phi^L x (..., H, n + 1), float64: the state after L zero-input steps from x; a (H, 1), circle = _circle(a, L, n)
@@ -505,7 +506,9 @@ class HOPE(nn.Module):
         The kernel's and the free responses' all-pass sums and the transposed ones share one split m = c j + r with
         few blocks J: a matmul over r with the table b^r, then a product with beta^j (or its conjugate) over j."""
         (B, H, L), n, h = u.shape, self.n, self.h
-        J, c = 2, -(-(n + 1) // 2)  # b^0 .. b^n in J = 2 blocks of c: few products with beta^j, one matmul over r
+        # b^0 .. b^n in J = 2 blocks of c: the products with beta^j are per batch row here, so few blocks keep them
+        # small (_Spectrum has one row and balances its c + J tables with c ~ sqrt(n))
+        J, c = 2, -(-(n + 1) // 2)
         (base, base_c, offset, _), a = _nodes(self.log_dt, 2 * L, 2, c, h.dtype)  # even and odd groups, as the kernel
         a, N = a[:, 0], base.shape[2]  # (H, 1) float64; N = L // 2 + 1 nodes per group, 2N >= L + 1
         b_r = torch.view_as_real(_exp_i(base, -1, c, offset)).view(2 * H, c, 2 * N)  # (2H, c, 2N)
