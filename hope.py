@@ -421,8 +421,8 @@ def two_sided(K, L):
 #     (zero-padded to 2L) with d_m. By Parseval over the 2L nodes, f_m = Re sum_l rfft(flip u)_l conj(b_l^m) / 2L
 #     (the inner rfft bins stand for l and 2L - l) is that inner product with d_m folded at period 2L:
 #     sum_i sum_t u[t] d_m[L-1-t + 2Li], i >= 0 only, as d_m is causal. Term i is the state after the input and
-#     then 2Li zero steps, (Phi^(2Li) x)_m, so f = sum_i Phi^(2Li) x = (I - Phi^2L)^-1 x (Phi is lower-triangular with diagonal 0, a, .., a: its eigenvalues
-#     lie inside the unit circle and the series converges), and x = f - Phi^2L f.
+#     then 2Li zero steps, (Phi^(2Li) x)_m, so f = sum_i Phi^(2Li) x = (I - Phi^2L)^-1 x (Phi is lower-triangular
+#     with diagonal 0, a, .., a: its eigenvalues lie inside the unit circle and the series converges): x = f - Phi^2L f.
 
 def _advance(x, a, circle):
     """Phi^L x (..., H, n + 1), float64: the state after L zero-input steps from x; a (H, 1), circle = _circle(a, L, n)
