@@ -549,6 +549,7 @@ class HOPE(nn.Module):
         v = [u_t, x_(m-1) + a x_m] to the new state and y_t's SSM part, sum_i h_i x'_(i+1) + D u_t."""
         self._check(u_t[..., None], state, True)
         x = self.default_state(u_t.shape[0]) if state is None else state
+        u_t, x = u_t.to(self.h.dtype), x.to(self.h.dtype)  # the recurrence runs in the layer's dtype
         W, a = self._step_matrix()  # (H, n + 2, n + 1), (H, 1)
         v = torch.cat([u_t[..., None], torch.addcmul(x[..., :-1], a, x[..., 1:])], -1)  # (B, H, n + 1)
         with torch.autocast(u_t.device.type, enabled=False):  # under autocast the state would drift to bf16

@@ -303,3 +303,12 @@ def test_readme_generation_snippet_runs():
     readme = open(__file__.replace("test_state.py", "README.md")).read()
     code = readme.split("<!-- generation -->\n```python\n")[1].split("```")[0]
     exec(compile(code, "README.md", "exec"), {})
+
+
+def test_hope_step_runs_in_the_layers_dtype():
+    """A float64 input or state (or a bf16 one under autocast) meets a float32 layer: step() computes in float32."""
+    layer = HOPE(4, d_state=6).eval()
+    u, x = torch.randn(2, 4, dtype=f64), torch.randn(2, 4, 7, dtype=f64)
+    y, x_new = layer.step(u, x)
+    assert y.dtype == x_new.dtype == torch.float32
+    torch.testing.assert_close(x_new, layer.step(u.float(), x.float())[1], rtol=0, atol=0)
