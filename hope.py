@@ -425,7 +425,7 @@ def two_sided(K, L):
 #     with diagonal 0, a, .., a: its eigenvalues lie inside the unit circle and the series converges): x = f - Phi^2L f.
 
 def _advance(x, a, circle):
-    """Phi^L x (..., H, n + 1), float64: the state after L zero-input steps from x; a (H, 1), circle: _circle(a, L, n)."""
+    """Phi^L x (..., H, n + 1), float64: the state after L zero-input steps from x; a (H, 1); circle for this L."""
     v = torch.addcmul(x[..., :-1].double(), a, x[..., 1:])  # (..., H, n): v_(i+1) = x_i + a x_(i+1)
     return F.pad(_series_mul(v * circle.scale, circle), (1, 0))  # (..., H, n + 1): (Phi^L x)_0 = 0
 
