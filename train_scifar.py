@@ -315,11 +315,11 @@ def resolve(parser, args, given):
     last = os.path.join(args.out, "last.pt")
     if not args.resume:
         if os.path.exists(last) or os.path.exists(os.path.join(args.out, "best.pt")):
-            done = os.path.exists(os.path.join(args.out, "metrics.jsonl")) and sum(1 for _ in open(os.path.join(
-                args.out, "metrics.jsonl"))) >= args.epochs  # one line per finished epoch
-            parser.error(f"{args.out} holds {'a finished' if done else 'an earlier'} run: " + ("choose another --out, or "
-                         f"train it on with {resume_command(parser, args)} --epochs N (N > {args.epochs})" if done else
-                         f"continue it with {resume_command(parser, args)}, or choose another --out"))
+            metrics, resume = os.path.join(args.out, "metrics.jsonl"), resume_command(parser, args)
+            if os.path.exists(metrics) and len(open(metrics).readlines()) >= args.epochs:  # a line per finished epoch
+                parser.error(f"{args.out} holds a finished run: choose another --out, or train it on with {resume} "
+                             f"--epochs N (N > {args.epochs})")
+            parser.error(f"{args.out} holds an earlier run: continue it with {resume}, or choose another --out")
         return dict(vars(args), data_dir_explicit="data_dir" in given), None
     if not os.path.exists(last):
         parser.error(f"--resume: no checkpoint at {last}")
