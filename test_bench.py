@@ -35,8 +35,8 @@ def test_every_row_runs_at_tiny_size_and_keeps_the_published_rows(tmp_path, monk
     for name, row in result["rows"].items():
         assert math.isfinite(row["ms"]) and row["ms"] > 0 and math.isfinite(row["peak_mib"]) and row["peak_mib"] >= 0, name
         assert (row["launches"] is None) if name.endswith("-compile") else (type(row["launches"]) is int and row["launches"] > 0), name
-    for value in result["ratios"].values():
-        assert value is None or (math.isfinite(value) and value > 0)  # None: a peak of 0 MiB, possible at this size
+    for name, value in result["ratios"].items():  # a peak of 0 MiB is possible at this size: a memory ratio may be
+        assert value is None or (math.isfinite(value) and (value > 0 or "memory" in name and value == 0)), name
     published = json.load(open(os.path.join(HERE, "results", "bench_cpu.json")))
     T, L = bench.SIZES["tiny"]["T"], bench.SIZES["tiny"]["L"]
     tiny = lambda name: name.replace("1000", str(T)).replace("2048", str(L))  # noqa: E731
