@@ -557,16 +557,18 @@ class HOPE(nn.Module):
 
     def _step_matrix(self):
         """step()'s W and a. They depend on the parameters only, so they are kept until h, dt or D change (their
-        storage or version: in-place optimizer updates count). Only without autograd: a kept tensor's graph would be
-        freed by the first backward and could not serve a second loss."""
-        key = [(p.data_ptr(), p._version, p.dtype) for p in (self.h, self.log_dt, self.D)]
-        if self._step_cache is not None and self._step_cache[0] == key and not torch.is_grad_enabled():
+        storage or version: in-place optimizer updates count). Only while no gradient can reach them (as S4D's): a kept
+        tensor's graph would be freed by the first backward and could not serve a second loss."""
+        params = (self.h, self.log_dt, self.D)
+        key = [(p.data_ptr(), p._version, p.dtype) for p in params]
+        cacheable = not torch.is_grad_enabled() or not any(p.requires_grad for p in params)
+        if cacheable and self._step_cache is not None and self._step_cache[0] == key:
             return self._step_cache[1]
         a = torch.tanh(-self.log_dt / 2)[:, None]  # (H, 1): (1 - dt) / (1 + dt)
         T = _toeplitz(a, self.n + 1)  # (H, n + 1, n + 1)
         y_row = F.pad(self.h, (1, 0))[:, None] @ T + F.pad(self.D[:, None, None], (0, self.n))  # (H, 1, n + 1)
         W = torch.cat([T, y_row], 1)  # (H, n + 2, n + 1)
-        self._step_cache = None if torch.is_grad_enabled() else (key, (W, a))
+        self._step_cache = (key, (W, a)) if cacheable else None
         return W, a
 
     def _check(self, u, x, with_state):
